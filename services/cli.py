@@ -1,0 +1,96 @@
+"""`pdserve`: the stack in one command, each service alone, and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> None:
+    parser.add_argument("--nats", required=needs_nats, metavar="URL", help="NATS server URL, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
+    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="preset name (smollm2-135m, tiny-llama)")
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-tokens", type=_positive_int, default=32768, help="KV cache budget in tokens")
+    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV page")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole stack: nats-server, scheduler, workers, gateway")
+    _add_common(up, needs_nats=False)
+    _add_model(up)
+    _add_worker_options(up)
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--mode", default="disagg", help="disagg | colocated")
+    up.add_argument("--prefill", type=_positive_int, default=1, help="number of prefill workers")
+    up.add_argument("--decode", type=_positive_int, default=1, help="number of decode workers")
+
+    scheduler = commands.add_parser("scheduler", help="run the scheduler")
+    _add_common(scheduler)
+    scheduler.add_argument("--mode", default="disagg", help="disagg | colocated")
+
+    gateway = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    _add_common(gateway)
+    _add_model(gateway)
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--default-max-tokens", type=_positive_int, default=256)
+    gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
+
+    for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
+        worker = commands.add_parser(role, help=text)
+        _add_common(worker)
+        _add_model(worker)
+        _add_worker_options(worker)
+        worker.add_argument("--worker-id", default=None)
+        worker.add_argument("--ucx-host", default="127.0.0.1", help="address decoders listen on for KV")
+        if role == "worker":
+            worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from services.launcher import run_stack
+
+        return run_stack(args)
+    if args.command == "scheduler":
+        from services.scheduler.main import run
+
+        return asyncio.run(run(args))
+    if args.command == "gateway":
+        from services.gateway.main import run
+
+        return asyncio.run(run(args))
+    from services.worker.main import run
+
+    if args.command != "worker":
+        args.role = args.command
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The OpenAI-compatible HTTP front: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+Tokenization and the chat template run here, so workers only ever see token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from services.gateway.completion import Completion
+from services.gateway.dispatcher import Dispatcher
+from services.gateway.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    parse_body,
+)
+from shared.engine.tokenizer import ChatTokenizer
+from shared.protocol import FinishReason, Sampling
+
+log = structlog.get_logger()
+
+PATH_HEADER = "x-pdserve-path"
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    max_model_len: int
+    default_max_tokens: int = 256
+
+
+def _error_response(error: RequestError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except RequestError as error:
+        return _error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(RequestError(exc.status, exc.reason or "error"))
+
+
+class Gateway:
+    def __init__(self, model_name: str, tokenizer: ChatTokenizer, dispatcher: Dispatcher, limits: GatewayLimits):
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.started = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[openai_errors])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": self.model_name})
+
+    async def models(self, _: web.Request) -> web.Response:
+        card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "pdserve"}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = parse_body(await request.read(), ChatCompletionRequest)
+        if not body.messages:
+            raise RequestError(400, "messages must not be empty", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        return await self._generate(request, body, prompt_ids, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = parse_body(await request.read(), CompletionRequest)
+        prompt_ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt)
+        if not prompt_ids:
+            raise RequestError(400, "prompt must not be empty", param="prompt")
+        return await self._generate(request, body, prompt_ids, chat=False)
+
+    def _sampling(self, body, num_prompt_tokens: int) -> Sampling:
+        if body.model != self.model_name:
+            raise RequestError(400, f"model {body.model!r} is not served here; available: {self.model_name}", param="model")
+        if body.n != 1:
+            raise RequestError(400, "only n=1 is supported", param="n")
+        room = self.limits.max_model_len - num_prompt_tokens
+        if room <= 0:
+            raise RequestError(400, f"prompt has {num_prompt_tokens} tokens; the model's context is {self.limits.max_model_len}", param="messages")
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = min(self.limits.default_max_tokens, room)
+        if max_tokens <= 0:
+            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if max_tokens > room:
+            raise RequestError(400, f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context of {self.limits.max_model_len}", param="max_tokens")
+        if body.temperature < 0:
+            raise RequestError(400, "temperature must be >= 0", param="temperature")
+        if not 0 < body.top_p <= 1:
+            raise RequestError(400, "top_p must be in (0, 1]", param="top_p")
+        if body.top_k < 0:
+            raise RequestError(400, "top_k must be >= 0", param="top_k")
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            stop_token_ids=list(body.stop_token_ids),
+        )
+
+    async def _generate(self, request: web.Request, body, prompt_ids: list[int], chat: bool) -> web.StreamResponse:
+        sampling = self._sampling(body, len(prompt_ids))
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        dispatched = await self.dispatcher.dispatch(request_id, self.model_name, prompt_ids, sampling)
+        completion = Completion(
+            request_id=request_id,
+            model=self.model_name,
+            chat=chat,
+            placement=dispatched.placement,
+            num_prompt_tokens=len(prompt_ids),
+            tokenizer=self.tokenizer,
+            hidden_token_ids=frozenset(self.tokenizer.eos_token_ids) | frozenset(sampling.stop_token_ids),
+        )
+        headers = {PATH_HEADER: dispatched.placement.path.label}
+        if body.stream:
+            return await self._stream(request, completion, dispatched.events, body.include_usage, headers)
+        async for event in dispatched.events:
+            completion.absorb(event)
+        if completion.finish_reason is FinishReason.ERROR:
+            raise RequestError(500, completion.error or "generation failed")
+        return web.json_response(completion.final(), headers=headers)
+
+    async def _stream(self, request, completion: Completion, events, include_usage: bool, headers: dict) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+        await response.prepare(request)
+
+        async def send(payload: dict) -> None:
+            await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+        first = True
+        try:
+            async for event in events:
+                delta = completion.absorb(event)
+                if event.finish_reason is FinishReason.ERROR:
+                    await send(RequestError(500, completion.error or "generation failed").body())
+                    break
+                if delta or first:
+                    await send(completion.chunk(delta, first=first))
+                    first = False
+                if event.finish_reason is not None:
+                    await send(completion.chunk("", finish=True))
+        except RequestError as error:
+            await send(error.body())
+        if include_usage and completion.finish_reason not in (None, FinishReason.ERROR):
+            await send(completion.usage_chunk())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

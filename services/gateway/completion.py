@@ -1,0 +1,97 @@
+"""Turning token events into OpenAI responses: text deltas, chunks and usage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from shared.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from shared.protocol import FinishReason, Placement, TokenEvent, TransferStats
+
+OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+
+
+@dataclass
+class Completion:
+    """One request's progress: generated tokens, text so far, and how it ended."""
+
+    request_id: str
+    model: str
+    chat: bool
+    placement: Placement
+    num_prompt_tokens: int
+    tokenizer: ChatTokenizer
+    hidden_token_ids: frozenset[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+    num_generated: int = 0
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    kv_transfer: TransferStats | None = None
+
+    def __post_init__(self) -> None:
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+
+    def absorb(self, event: TokenEvent) -> str:
+        """Adds an event; returns the new visible text."""
+        self.num_generated += len(event.token_ids)
+        delta = ""
+        for token_id in event.token_ids:
+            if event.finish_reason is FinishReason.STOP and token_id in self.hidden_token_ids:
+                continue  # the EOS / stop token ends the text, it is not part of it
+            delta += self._detokenizer.add(token_id)
+        self.text += delta
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            self.error = event.error
+            self.kv_transfer = event.kv_transfer
+        return delta
+
+    @property
+    def openai_finish_reason(self) -> str | None:
+        return None if self.finish_reason is None else OPENAI_FINISH.get(self.finish_reason, "stop")
+
+    def usage(self) -> dict:
+        extension = {
+            "path": self.placement.path.label,
+            "prefill_worker": self.placement.prefill_worker,
+            "decode_worker": self.placement.decode_worker,
+        }
+        if self.kv_transfer is not None:
+            extension |= {
+                "kv_transfer_bytes": self.kv_transfer.nbytes,
+                "kv_transfer_seconds": self.kv_transfer.seconds,
+                "kv_transfer_messages": self.kv_transfer.num_messages,
+            }
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_generated,
+            "total_tokens": self.num_prompt_tokens + self.num_generated,
+            "pdserve": extension,
+        }
+
+    def _envelope(self, object_name: str) -> dict:
+        return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
+
+    def chunk(self, delta: str, first: bool = False, finish: bool = False) -> dict:
+        reason = self.openai_finish_reason if finish else None
+        if self.chat:
+            message = {"content": delta}
+            if first:
+                message = {"role": "assistant", "content": delta}
+            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": reason}
+            return self._envelope("chat.completion.chunk") | {"choices": [choice]}
+        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
+        return self._envelope("text_completion") | {"choices": [choice]}
+
+    def usage_chunk(self) -> dict:
+        name = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._envelope(name) | {"choices": [], "usage": self.usage()}
+
+    def final(self) -> dict:
+        if self.chat:
+            message = {"role": "assistant", "content": self.text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.openai_finish_reason}
+            return self._envelope("chat.completion") | {"choices": [choice], "usage": self.usage()}
+        choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.openai_finish_reason}
+        return self._envelope("text_completion") | {"choices": [choice], "usage": self.usage()}

@@ -1,0 +1,128 @@
+"""`pdserve up`: the whole stack as child processes of one command.
+
+Start order: nats-server (unless --nats), scheduler, workers, gateway. Ready means
+every worker has sent a heartbeat and the gateway accepts connections; then one line
+with the URL is printed. SIGINT/SIGTERM, or any child dying, stops every child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from services.scheduler.policy import Mode
+from shared import processes, protocol
+from shared.nats_server import EmbeddedNats
+from shared.protocol import Heartbeat
+from shared.runtime import connect_nats
+from shared.subjects import Subjects
+
+READY_TIMEOUT_S = 600.0
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _worker_roles(mode: Mode, num_prefill: int, num_decode: int) -> list[tuple[str, str]]:
+    if mode is Mode.COLOCATED:
+        return [(f"both-{i}", "both") for i in range(num_prefill + num_decode)]
+    return [(f"prefill-{i}", "prefill") for i in range(num_prefill)] + [(f"decode-{i}", "decode") for i in range(num_decode)]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
+
+
+async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], children, timeout: float, interrupted) -> None:
+    nc = await connect_nats(nats_url, "pd-launcher")
+    seen: set[str] = set()
+    decoder = protocol.decoder(Heartbeat)
+
+    async def on_beat(msg) -> None:
+        seen.add(decoder.decode(msg.data).worker_id)
+
+    await nc.subscribe(subjects.all_heartbeats, cb=on_beat)
+    deadline = time.monotonic() + timeout
+    try:
+        while not worker_ids <= seen:
+            _raise_if_any_died(children)
+            if interrupted():
+                raise StackError("interrupted before the stack was ready")
+            if time.monotonic() > deadline:
+                raise StackError(f"workers not ready after {timeout:.0f}s: {sorted(worker_ids - seen)}")
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+def _raise_if_any_died(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is not None:
+            raise StackError(f"{' '.join(child.args[3:5])} exited with code {child.returncode}")
+
+
+def run_stack(args: argparse.Namespace) -> int:
+    try:
+        mode = Mode.parse(args.mode)
+        _check_port_free(args.host, args.port)
+    except ValueError as exc:
+        print(f"pdserve up: --mode: {exc}", file=sys.stderr)
+        return 2
+    except StackError as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        return 2
+
+    stop_requested = False
+
+    def request_stop(*_) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    nats = None if args.nats else EmbeddedNats().start()
+    nats_url = args.nats or nats.url
+    subjects = Subjects(args.prefix)
+    roles = _worker_roles(mode, args.prefill, args.decode)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
+    base = [sys.executable, "-m", "services.cli"]
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
+    commands = [base + ["scheduler", *common, "--mode", mode.value]]
+    for worker_id, role in roles:
+        commands.append(
+            base
+            + ["worker", *common, "--role", role, "--worker-id", worker_id, "--model", args.model]
+            + ["--threads", str(threads), "--kv-cache-tokens", str(args.kv_cache_tokens), "--block-size", str(args.block_size)]
+        )
+    commands.append(base + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)])
+
+    children: list[subprocess.Popen] = []
+    exit_code = 0
+    try:
+        children = [processes.spawn(command) for command in commands]
+        asyncio.run(_wait_for_workers(nats_url, subjects, {wid for wid, _ in roles}, children, READY_TIMEOUT_S, lambda: stop_requested))
+        processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
+        print(f"pdserve ready: http://{args.host}:{args.port}/v1 (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
+        while not stop_requested:
+            _raise_if_any_died(children)
+            time.sleep(0.2)
+    except StackError as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        processes.stop(children)
+        if nats is not None:
+            nats.stop()
+    return exit_code

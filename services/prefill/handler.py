@@ -1,0 +1,126 @@
+"""Prefill worker: runs a prompt, streams the first token, hands the KV to a decoder.
+
+Life cycle of a PrefillJob:
+  accepted (acked at once) -> queued on the engine thread -> prefill -> first token
+  published to the gateway's stream -> either finished (EOS / max_tokens=1), or kept
+  here for local decode (colocated path), or exported and pushed over UCX to the
+  chosen decode worker (disaggregated path), after which its blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import structlog
+
+from services.worker.context import WorkerContext, dtype_name, engine_sampling, finish_reason
+from shared import protocol
+from shared.engine.engine import KvCapacityError, TokenOutput
+from shared.protocol import (
+    DecodeJob,
+    ErrorCode,
+    FinishReason,
+    HandoffReply,
+    JobAccepted,
+    KvDescriptor,
+    KvReady,
+    KvSegment,
+    Path,
+    PrefillJob,
+    ServiceError,
+    TokenEvent,
+)
+from shared.transport.ucx_kv import KvSender, segment_tag
+
+log = structlog.get_logger()
+
+_job_decoder = protocol.decoder(PrefillJob)
+_handoff_decoder = protocol.decoder(HandoffReply)
+
+HANDOFF_REQUEST_TIMEOUT_S = 5.0
+
+
+class PrefillHandler:
+    def __init__(self, ctx: WorkerContext, sender: KvSender):
+        self.ctx = ctx
+        self.sender = sender
+        self._tasks: set[asyncio.Task] = set()
+
+    async def on_job(self, msg) -> None:
+        try:
+            job = _job_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await msg.respond(protocol.encode(ServiceError(ErrorCode.BAD_REQUEST, f"malformed prefill job: {exc}")))
+            return
+        engine = self.ctx.engine_loop.engine
+        needed = len(job.prompt_ids) + job.sampling.max_tokens
+        if not engine.fits_budget(needed):
+            error = ServiceError(ErrorCode.BAD_REQUEST, f"request needs {needed} KV tokens; this worker holds at most {engine.max_tokens}")
+            await msg.respond(protocol.encode(error))
+            return
+        await msg.respond(protocol.encode(JobAccepted(self.ctx.worker_id)))
+        task = asyncio.create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: PrefillJob) -> None:
+        structlog.contextvars.bind_contextvars(request_id=job.request_id)
+        ctx = self.ctx
+        ctx.queued_prefill_tokens += len(job.prompt_ids)
+        ctx.waiting += 1
+        try:
+            first = await ctx.engine_loop.call(
+                ctx.engine_loop.engine.prefill, job.request_id, job.prompt_ids, engine_sampling(job.sampling)
+            )
+        except Exception as exc:
+            log.exception("prefill_failed")
+            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
+            await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"prefill failed: {exc}")
+            return
+        finally:
+            ctx.queued_prefill_tokens -= len(job.prompt_ids)
+            ctx.waiting -= 1
+        if job.request_id in ctx.cancelled:
+            ctx.cancelled.discard(job.request_id)
+            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
+            return
+        if first.finish_reason is not None:
+            await self._publish_first(job, first)
+            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
+        elif job.path is Path.COLOCATED:
+            ctx.streams.open(job.request_id, job.stream_subject)
+            await ctx.streams.publish(job.request_id, [first.token_id])
+            ctx.engine_loop.wake()
+        else:
+            await self._publish_first(job, first)
+            await self._hand_off(job, first)
+
+    async def _publish_first(self, job: PrefillJob, first: TokenOutput) -> None:
+        event = TokenEvent(job.request_id, self.ctx.worker_id, [first.token_id], finish_reason(first.finish_reason))
+        await self.ctx.nc.publish(job.stream_subject, protocol.encode(event))
+
+    async def _hand_off(self, job: PrefillJob, first: TokenOutput) -> None:
+        """Announce the KV over NATS, then push it over UCX once the decoder is ready."""
+        ctx = self.ctx
+        engine = ctx.engine_loop.engine
+        kv = await ctx.engine_loop.call(engine.export_kv, job.request_id)
+        await ctx.engine_loop.call(engine.free, job.request_id)
+        # kv: [layers, 2, tokens, kv_heads, head_dim]; one virtual rank on each side for now.
+        segments = [KvSegment(0, 0, segment_tag(job.request_id, 0, 0), kv.numel() * kv.element_size())]
+        descriptor = KvDescriptor(ctx.model.config.fingerprint(), dtype_name(kv.dtype), list(kv.shape), segments)
+        decode_job = DecodeJob(job.request_id, len(job.prompt_ids), first.token_id, job.sampling, descriptor, job.stream_subject)
+        try:
+            reply = await ctx.nc.request(
+                ctx.subjects.worker_decode(job.decode_worker), protocol.encode(decode_job), timeout=HANDOFF_REQUEST_TIMEOUT_S
+            )
+            ready = _handoff_decoder.decode(reply.data)
+            if isinstance(ready, ServiceError):
+                raise RuntimeError(ready.message)
+            assert isinstance(ready, KvReady)
+            stats = await self.sender.send(ready.ucx_host, ready.ucx_port, segments, [kv])
+        except Exception as exc:
+            log.warning("handoff_failed", decode_worker=job.decode_worker, error=str(exc))
+            await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV hand-off failed: {exc}")
+            return
+        log.info("kv_pushed", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), decode_worker=job.decode_worker)

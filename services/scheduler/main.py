@@ -1,0 +1,28 @@
+"""`pdserve scheduler`."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.scheduler.policy import Mode
+from services.scheduler.service import SchedulerService
+from shared.log import configure_logging
+from shared.runtime import connect_nats, stop_event_on_signals
+from shared.subjects import Subjects
+
+
+async def run(args: argparse.Namespace) -> int:
+    log = configure_logging("scheduler", args.log_level)
+    try:
+        mode = Mode.parse(args.mode)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve scheduler: --mode: {exc}") from None
+    stop = stop_event_on_signals()
+    nc = await connect_nats(args.nats, "pd-scheduler")
+    service = SchedulerService(nc, Subjects(args.prefix), mode)
+    await service.start()
+    await stop.wait()
+    log.info("scheduler_stopping")
+    await service.stop()
+    await nc.drain()
+    return 0

@@ -1,0 +1,35 @@
+"""`pdserve prefill | decode | worker --role ...`."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+import torch
+
+from services.worker.service import WorkerService
+from shared.engine.engine import Engine
+from shared.engine.loader import load_model
+from shared.log import configure_logging
+from shared.protocol import Role
+from shared.runtime import connect_nats, stop_event_on_signals
+from shared.subjects import Subjects
+
+
+async def run(args: argparse.Namespace) -> int:
+    role = Role[args.role.upper()]
+    worker_id = args.worker_id or f"{role.label}-{uuid.uuid4().hex[:8]}"
+    log = configure_logging(f"{role.label}-worker", args.log_level).bind(worker_id=worker_id)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stop = stop_event_on_signals()
+    loaded = load_model(args.model)
+    engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+    nc = await connect_nats(args.nats, f"pd-{worker_id}")
+    service = WorkerService(nc, Subjects(args.prefix), worker_id, role, loaded, engine, ucx_host=args.ucx_host)
+    await service.start()
+    await stop.wait()
+    log.info("worker_stopping")
+    await service.stop()
+    await nc.drain()
+    return 0

@@ -1,0 +1,42 @@
+"""Every NATS subject pdserve uses, built in one place (ARCHITECTURE.md §4).
+
+The prefix lets several deployments share one nats-server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PLACE_QUEUE_GROUP = "pd-schedulers"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    prefix: str = "pd"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in " .*>"):
+            raise ValueError(f"subject prefix must be one plain token, got {self.prefix!r}")
+
+    @property
+    def place(self) -> str:
+        return f"{self.prefix}.sched.place"
+
+    def worker_prefill(self, worker_id: str) -> str:
+        return f"{self.prefix}.worker.{worker_id}.prefill"
+
+    def worker_decode(self, worker_id: str) -> str:
+        return f"{self.prefix}.worker.{worker_id}.decode"
+
+    def worker_cancel(self, worker_id: str) -> str:
+        return f"{self.prefix}.worker.{worker_id}.cancel"
+
+    def heartbeat(self, role: str, worker_id: str) -> str:
+        return f"{self.prefix}.heartbeat.{role}.{worker_id}"
+
+    @property
+    def all_heartbeats(self) -> str:
+        return f"{self.prefix}.heartbeat.>"
+
+    def stream(self, request_id: str) -> str:
+        return f"{self.prefix}.stream.{request_id}"

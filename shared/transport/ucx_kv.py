@@ -1,0 +1,114 @@
+"""KV bytes peer to peer over UCX (ucxx), one tagged message per segment.
+
+The decoder runs a listener so prefill workers can open endpoints to it; receives are
+posted on the UCX worker with the segment's tag (announced over NATS beforehand), so
+a message is matched to its session no matter which endpoint carried it and no extra
+header message is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from shared.protocol import KvSegment, TransferStats
+from shared.transport.ucx_env import configure_ucx_environment
+
+configure_ucx_environment()
+import ucxx  # noqa: E402  (must follow the environment set-up)
+
+
+def segment_tag(session_id: str, src_rank: int, dst_rank: int) -> int:
+    digest = hashlib.blake2b(f"{session_id}/{src_rank}/{dst_rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A zero-copy uint8 view of a contiguous CPU tensor (works for bfloat16 too)."""
+    if not tensor.is_contiguous():
+        raise ValueError("UCX buffers must be contiguous")
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+class KvReceiver:
+    """Decoder side: a listener for prefill endpoints, and tagged receives."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self._listener = None
+        self._endpoints: list = []
+
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            raise RuntimeError("KvReceiver.start() first")
+        return self._listener.port
+
+    async def start(self) -> None:
+        async def keep_endpoint(endpoint) -> None:
+            self._endpoints.append(endpoint)
+
+        self._listener = ucxx.create_listener(keep_endpoint, port=0)
+
+    async def receive(self, segments: Sequence[KvSegment], timeout: float) -> tuple[list[torch.Tensor], TransferStats]:
+        """Posts one receive per segment; returns the raw byte buffers in segment order."""
+        buffers = [torch.empty(seg.nbytes, dtype=torch.uint8) for seg in segments]
+        started = time.perf_counter()
+        receives = [ucxx.recv(buf.numpy(), tag=seg.tag) for buf, seg in zip(buffers, segments)]
+        await asyncio.wait_for(asyncio.gather(*receives), timeout=timeout)
+        stats = TransferStats(
+            nbytes=sum(seg.nbytes for seg in segments),
+            seconds=time.perf_counter() - started,
+            num_messages=len(segments),
+        )
+        return buffers, stats
+
+    async def close(self) -> None:
+        for endpoint in self._endpoints:
+            if not endpoint.closed:
+                await endpoint.close()
+        self._endpoints.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+
+class KvSender:
+    """Prefill side: cached endpoints per decoder (the first connection is slow)."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[tuple[str, int], object] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def _endpoint(self, host: str, port: int):
+        key = (host, port)
+        lock = self._connecting.setdefault(key, asyncio.Lock())
+        async with lock:
+            endpoint = self._endpoints.get(key)
+            if endpoint is None or endpoint.closed:
+                endpoint = await ucxx.create_endpoint(host, port)
+                self._endpoints[key] = endpoint
+            return endpoint
+
+    async def send(self, host: str, port: int, segments: Sequence[KvSegment], buffers: Sequence[torch.Tensor]) -> TransferStats:
+        endpoint = await self._endpoint(host, port)
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(endpoint.send(as_bytes(buf), tag=seg.tag, force_tag=True) for seg, buf in zip(segments, buffers))
+        )
+        return TransferStats(
+            nbytes=sum(seg.nbytes for seg in segments),
+            seconds=time.perf_counter() - started,
+            num_messages=len(segments),
+        )
+
+    async def close(self) -> None:
+        for endpoint in self._endpoints.values():
+            if not endpoint.closed:
+                await endpoint.close()
+        self._endpoints.clear()

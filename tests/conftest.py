@@ -1,0 +1,9 @@
+import pytest
+
+from shared.nats_server import EmbeddedNats
+
+
+@pytest.fixture
+def nats_server():
+    with EmbeddedNats() as server:
+        yield server
