@@ -122,7 +122,7 @@ def run_stack(args: argparse.Namespace) -> int:
         print(f"pdserve up: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
-        processes.stop(children)
+        processes.stop(list(reversed(children)))  # gateway first, nats-server after all
         if nats is not None:
             nats.stop()
     return exit_code

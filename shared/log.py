@@ -30,7 +30,9 @@ def configure_logging(service: str, level: str | None = None) -> structlog.stdli
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    return structlog.get_logger().bind(service=service)
+    # Bound in the context so module-level loggers (and tasks started later) carry it too.
+    structlog.contextvars.bind_contextvars(service=service)
+    return structlog.get_logger()
 
 
 def set_log_level(level: str) -> None:

@@ -24,8 +24,10 @@ def _die_with_parent() -> None:
 
 
 def spawn(argv: Sequence[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """Starts a child in its own session: a terminal's Ctrl-C reaches only the parent,
+    which then stops its children in order (nats-server last, so workers can drain)."""
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return subprocess.Popen(list(argv), env=env, preexec_fn=preexec, **kwargs)
+    return subprocess.Popen(list(argv), env=env, preexec_fn=preexec, start_new_session=True, **kwargs)
 
 
 def stop(procs: Sequence[subprocess.Popen], grace_seconds: float = 10.0) -> None:
@@ -62,5 +64,26 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
-def current_pid() -> int:
-    return os.getpid()
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, read from /proc (Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

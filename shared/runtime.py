@@ -4,22 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import nats
+import structlog
 from nats.aio.client import Client as NatsClient
+from nats.errors import NoServersError
+
+log = structlog.get_logger()
+
+FIRST_CONNECT_TIMEOUT_S = 30.0
 
 
-async def connect_nats(url: str, name: str) -> NatsClient:
-    """Connects with bounded retries, so a service started before nats-server waits briefly."""
-    return await nats.connect(
-        servers=[url],
-        name=name,
-        connect_timeout=2,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        retry_on_failed_connect=True,
-    )
+async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST_CONNECT_TIMEOUT_S) -> NatsClient:
+    """Connects, retrying for a while so a service started before nats-server waits for it.
+
+    Once connected, the client reconnects forever: a NATS restart must not end a worker.
+    """
+    deadline = time.monotonic() + first_connect_timeout
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected", url=url)
+
+    while True:
+        try:
+            return await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+            )
+        except (NoServersError, OSError):
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"cannot reach NATS at {url} after {first_connect_timeout:.0f}s") from None
+            await asyncio.sleep(0.25)
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -29,3 +54,14 @@ def stop_event_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def close_nats(nc: NatsClient, timeout: float = 5.0) -> None:
+    """Drains if the server is there; otherwise (or if draining stalls) just closes."""
+    if nc.is_connected:
+        try:
+            await asyncio.wait_for(nc.drain(), timeout)
+            return
+        except Exception:
+            pass
+    await nc.close()

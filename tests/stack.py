@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from shared.processes import free_port
+from shared.processes import alive, children_of, free_port
 
 READY_LINE = re.compile(r"pdserve ready: (?P<url>http://\S+/v1) .*nats (?P<nats>nats://\S+)\)")
 
@@ -36,7 +36,6 @@ def start_stack(*flags: str, timeout: float = 300.0) -> RunningStack:
         stderr=None,  # worker logs show up in pytest's captured output on failure
         text=True,
         env=env,
-        start_new_session=True,  # its own process group: teardown can check it is empty
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,26 +50,19 @@ def start_stack(*flags: str, timeout: float = 300.0) -> RunningStack:
     raise TimeoutError("pdserve up did not become ready")
 
 
-def process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def stop_stack_group(proc: subprocess.Popen, timeout: float = 30.0) -> bool:
-    """SIGTERMs `pdserve up`; returns True if its whole process group exited by itself."""
-    pgid = proc.pid
+    """SIGTERMs `pdserve up`; True if it and every child it started exited by themselves."""
+    children = children_of(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
     deadline = time.monotonic() + timeout
-    while process_group_alive(pgid) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    clean = not process_group_alive(pgid)
-    if not clean:
-        os.killpg(pgid, signal.SIGKILL)
-    return clean
+    leftovers = [pid for pid in children if alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    return not leftovers and len(children) > 0

@@ -133,6 +133,7 @@ class Gateway:
             num_prompt_tokens=len(prompt_ids),
             tokenizer=self.tokenizer,
             hidden_token_ids=frozenset(self.tokenizer.eos_token_ids) | frozenset(sampling.stop_token_ids),
+            return_token_ids=body.return_token_ids,
         )
         headers = {PATH_HEADER: dispatched.placement.path.label}
         if body.stream:
@@ -157,11 +158,11 @@ class Gateway:
                 if event.finish_reason is FinishReason.ERROR:
                     await send(RequestError(500, completion.error or "generation failed").body())
                     break
-                if delta or first:
-                    await send(completion.chunk(delta, first=first))
+                if delta or first or completion.return_token_ids:
+                    await send(completion.chunk(delta, event.token_ids, first=first))
                     first = False
                 if event.finish_reason is not None:
-                    await send(completion.chunk("", finish=True))
+                    await send(completion.chunk("", [], finish=True))
         except RequestError as error:
             await send(error.body())
         if include_usage and completion.finish_reason not in (None, FinishReason.ERROR):

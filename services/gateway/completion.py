@@ -22,8 +22,9 @@ class Completion:
     num_prompt_tokens: int
     tokenizer: ChatTokenizer
     hidden_token_ids: frozenset[int]
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    num_generated: int = 0
+    token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -34,7 +35,7 @@ class Completion:
 
     def absorb(self, event: TokenEvent) -> str:
         """Adds an event; returns the new visible text."""
-        self.num_generated += len(event.token_ids)
+        self.token_ids.extend(event.token_ids)
         delta = ""
         for token_id in event.token_ids:
             if event.finish_reason is FinishReason.STOP and token_id in self.hidden_token_ids:
@@ -46,6 +47,13 @@ class Completion:
             self.error = event.error
             self.kv_transfer = event.kv_transfer
         return delta
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids)
+
+    def _with_ids(self, choice: dict, token_ids: list[int]) -> dict:
+        return choice | {"token_ids": token_ids} if self.return_token_ids else choice
 
     @property
     def openai_finish_reason(self) -> str | None:
@@ -73,16 +81,16 @@ class Completion:
     def _envelope(self, object_name: str) -> dict:
         return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: str, first: bool = False, finish: bool = False) -> dict:
+    def chunk(self, delta: str, token_ids: list[int], first: bool = False, finish: bool = False) -> dict:
         reason = self.openai_finish_reason if finish else None
         if self.chat:
             message = {"content": delta}
             if first:
                 message = {"role": "assistant", "content": delta}
             choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": reason}
-            return self._envelope("chat.completion.chunk") | {"choices": [choice]}
+            return self._envelope("chat.completion.chunk") | {"choices": [self._with_ids(choice, token_ids)]}
         choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
-        return self._envelope("text_completion") | {"choices": [choice]}
+        return self._envelope("text_completion") | {"choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self) -> dict:
         name = "chat.completion.chunk" if self.chat else "text_completion"
@@ -92,6 +100,7 @@ class Completion:
         if self.chat:
             message = {"role": "assistant", "content": self.text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.openai_finish_reason}
-            return self._envelope("chat.completion") | {"choices": [choice], "usage": self.usage()}
-        choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.openai_finish_reason}
-        return self._envelope("text_completion") | {"choices": [choice], "usage": self.usage()}
+        else:
+            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.openai_finish_reason}
+        name = "chat.completion" if self.chat else "text_completion"
+        return self._envelope(name) | {"choices": [self._with_ids(choice, self.token_ids)], "usage": self.usage()}

@@ -11,7 +11,7 @@ from services.gateway.dispatcher import Dispatcher
 from shared.engine.loader import load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
-from shared.runtime import connect_nats, stop_event_on_signals
+from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
 
@@ -34,5 +34,5 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("gateway_stopping")
     await runner.cleanup()
-    await nc.drain()
+    await close_nats(nc)
     return 0

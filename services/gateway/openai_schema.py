@@ -36,6 +36,7 @@ class _Common(msgspec.Struct, kw_only=True):
     n: int = 1
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    return_token_ids: bool = False  # extension (as in vLLM): generated ids in each choice
 
     @property
     def include_usage(self) -> bool:

@@ -7,7 +7,7 @@ import argparse
 from services.scheduler.policy import Mode
 from services.scheduler.service import SchedulerService
 from shared.log import configure_logging
-from shared.runtime import connect_nats, stop_event_on_signals
+from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
 
@@ -24,5 +24,5 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("scheduler_stopping")
     await service.stop()
-    await nc.drain()
+    await close_nats(nc)
     return 0

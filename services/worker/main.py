@@ -12,7 +12,7 @@ from shared.engine.engine import Engine
 from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.protocol import Role
-from shared.runtime import connect_nats, stop_event_on_signals
+from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
 
@@ -31,5 +31,5 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("worker_stopping")
     await service.stop()
-    await nc.drain()
+    await close_nats(nc)
     return 0

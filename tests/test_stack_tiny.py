@@ -1,0 +1,169 @@
+"""The walking skeleton end to end on tiny-llama: real nats-server, real UCX, real HTTP."""
+
+import asyncio
+import json
+
+import aiohttp
+import nats
+import openai
+import pytest
+
+from tests.stack import start_stack, stop_stack_group
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about paged attention."}], "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    running = start_stack("--model", MODEL)
+    yield running
+    assert stop_stack_group(running.proc), "pdserve up left processes behind"
+
+
+async def post(url: str, body, raw: bool = False) -> tuple[int, dict | str, dict]:
+    async with aiohttp.ClientSession() as session:
+        data = body if raw else json.dumps(body)
+        async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as response:
+            text = await response.text()
+            try:
+                payload = json.loads(text)
+            except json.JSONDecodeError:
+                payload = text
+            return response.status, payload, dict(response.headers)
+
+
+def sse_events(text: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_models_and_health(stack):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{stack.base_url}/models") as response:
+            models = await response.json()
+        async with session.get(f"{stack.root_url}/health") as response:
+            assert response.status == 200
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+async def test_chat_stream_format_and_usage(stack):
+    body = CHAT | {"max_tokens": 12, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    status, text, headers = await post(f"{stack.base_url}/chat/completions", body)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["x-pdserve-path"] == "disagg"
+    events = sse_events(text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] == "length" and set(finish[:-1]) == {None}
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+    assert usage["pdserve"]["path"] == "disagg"
+
+
+async def test_non_stream_chat_and_completion_agree_with_stream(stack):
+    body = CHAT | {"max_tokens": 10, "return_token_ids": True, "ignore_eos": True}
+    status, whole, _ = await post(f"{stack.base_url}/chat/completions", body)
+    assert status == 200
+    status, text, _ = await post(f"{stack.base_url}/chat/completions", body | {"stream": True})
+    streamed_ids = [i for e in sse_events(text)[:-1] for c in json.loads(e)["choices"] for i in c.get("token_ids", [])]
+    streamed_text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(text)[:-1])
+    assert whole["choices"][0]["token_ids"] == streamed_ids
+    assert whole["choices"][0]["message"]["content"] == streamed_text
+    assert len(streamed_ids) == 10
+
+    status, completion, _ = await post(f"{stack.base_url}/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
+    assert status == 200
+    assert completion["object"] == "text_completion"
+    assert completion["usage"]["completion_tokens"] <= 5
+
+
+async def test_openai_client_streams_with_usage(stack):
+    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key="unused")
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT["messages"],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    await client.close()
+    assert usage is not None and usage.completion_tokens == 8
+    assert "".join(pieces)
+
+
+async def test_kv_crosses_ucx_and_nats_messages_stay_small(stack):
+    nc = await nats.connect(stack.nats_url)
+    sizes: list[int] = []
+
+    async def record(msg):
+        sizes.append(len(msg.data))
+
+    await nc.subscribe(">", cb=record)
+    await nc.flush()
+    body = CHAT | {"max_tokens": 6, "ignore_eos": True, "messages": [{"role": "user", "content": "word " * 300}]}
+    status, reply, _ = await post(f"{stack.base_url}/chat/completions", body)
+    await asyncio.sleep(0.3)
+    await nc.close()
+    assert status == 200
+    extension = reply["usage"]["pdserve"]
+    # tiny-llama: 2 layers x (K,V) x prompt tokens x 2 kv heads x head_dim 16 x 4 bytes
+    expected = 2 * 2 * reply["usage"]["prompt_tokens"] * 2 * 16 * 4
+    assert extension["kv_transfer_bytes"] == expected
+    assert extension["kv_transfer_messages"] == 1
+    assert max(sizes) < 64 * 1024
+    assert expected > max(sizes)  # the KV itself could not have gone over NATS
+
+
+@pytest.mark.parametrize(
+    "body, raw, param",
+    [
+        ("{not json", True, None),
+        ({"model": MODEL}, False, None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, False, None),
+        (CHAT | {"max_tokens": 0}, False, "max_tokens"),
+        (CHAT | {"max_tokens": -5}, False, "max_tokens"),
+        (CHAT | {"model": "gpt-17"}, False, "model"),
+    ],
+)
+async def test_bad_input_is_a_400_with_openai_error(stack, body, raw, param):
+    status, reply, _ = await post(f"{stack.base_url}/chat/completions", body, raw=raw)
+    assert status == 400
+    assert reply["error"]["type"] == "invalid_request_error"
+    assert reply["error"]["message"]
+    assert reply["error"]["param"] == param
+
+
+async def test_stack_still_serves_after_bad_input(stack):
+    status, reply, _ = await post(f"{stack.base_url}/chat/completions", CHAT | {"max_tokens": 3})
+    assert status == 200
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_cli_rejects_bad_flag_by_name():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--mode", "sideways"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--mode" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--port", "eighty"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--port" in result.stderr
+
+
