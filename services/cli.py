@@ -43,13 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_options(up)
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     up.add_argument("--port", type=int, default=8000, help="gateway port")
-    up.add_argument("--mode", default="disagg", help="disagg | colocated")
+    up.add_argument("--mode", default="disagg", help="disagg | colocated | auto")
     up.add_argument("--prefill", type=_positive_int, default=1, help="number of prefill workers")
     up.add_argument("--decode", type=_positive_int, default=1, help="number of decode workers")
+    up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
+    up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler")
     _add_common(scheduler)
-    scheduler.add_argument("--mode", default="disagg", help="disagg | colocated")
+    scheduler.add_argument("--mode", default="disagg", help="disagg | colocated | auto")
 
     gateway = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     _add_common(gateway)
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--port", type=int, default=8000)
     gateway.add_argument("--default-max-tokens", type=_positive_int, default=256)
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
+    gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
         worker = commands.add_parser(role, help=text)
@@ -66,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_worker_options(worker)
         worker.add_argument("--worker-id", default=None)
         worker.add_argument("--ucx-host", default="127.0.0.1", help="address decoders listen on for KV")
+        worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
+        worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    from services.admin.cli import register as register_admin
+
+    register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     return parser
 
 
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.launcher import run_stack
 
         return run_stack(args)
+    if args.command == "admin":
+        from services.admin.cli import run as run_admin
+
+        return run_admin(args)
     if args.command == "scheduler":
         from services.scheduler.main import run
 

@@ -21,6 +21,7 @@ from shared import processes, protocol
 from shared.nats_server import EmbeddedNats
 from shared.protocol import Heartbeat
 from shared.runtime import connect_nats
+from shared.stack_registry import record_stack
 from shared.subjects import Subjects
 
 READY_TIMEOUT_S = 600.0
@@ -72,6 +73,14 @@ def _raise_if_any_died(children: list[subprocess.Popen]) -> None:
             raise StackError(f"{' '.join(child.args[3:5])} exited with code {child.returncode}")
 
 
+def _raise_if_any_failed(children: list[subprocess.Popen]) -> None:
+    """Once serving, a worker that exits 0 was drained on purpose; anything else stops the stack."""
+    for child in children:
+        code = child.poll()
+        if code is not None and not (code == 0 and "worker" in child.args):
+            raise StackError(f"{' '.join(child.args[3:5])} exited with code {code}")
+
+
 def run_stack(args: argparse.Namespace) -> int:
     try:
         mode = Mode.parse(args.mode)
@@ -105,23 +114,33 @@ def run_stack(args: argparse.Namespace) -> int:
             base
             + ["worker", *common, "--role", role, "--worker-id", worker_id, "--model", args.model]
             + ["--threads", str(threads), "--kv-cache-tokens", str(args.kv_cache_tokens), "--block-size", str(args.block_size)]
+            + ["--metrics-port", str(processes.free_port()), "--max-waiting", str(args.max_waiting)]
         )
-    commands.append(base + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)])
+    commands.append(
+        base
+        + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
+        + ["--max-concurrent-requests", str(args.max_concurrent_requests)]
+    )
 
     children: list[subprocess.Popen] = []
     exit_code = 0
+    state_file = None
     try:
         children = [processes.spawn(command) for command in commands]
         asyncio.run(_wait_for_workers(nats_url, subjects, {wid for wid, _ in roles}, children, READY_TIMEOUT_S, lambda: stop_requested))
         processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
-        print(f"pdserve ready: http://{args.host}:{args.port}/v1 (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
+        gateway_url = f"http://{args.host}:{args.port}/v1"
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
         while not stop_requested:
-            _raise_if_any_died(children)
+            _raise_if_any_failed(children)
             time.sleep(0.2)
     except StackError as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
         processes.stop(list(reversed(children)))  # gateway first, nats-server after all
         if nats is not None:
             nats.stop()

@@ -165,6 +165,12 @@ class Heartbeat(_Msg):
     total_kv_blocks: int
     queued_prefill_tokens: int
     sent_at: float
+    kv_bytes_per_token: int = 0
+    draining: bool = False
+    # Measured by the worker (0 until known): the scheduler's auto mode prefers these.
+    prefill_tokens_per_s: float = 0.0
+    handoff_bytes_per_s: float = 0.0
+    metrics_port: int = 0
 
 
 PlaceReply = Placement | ServiceError

@@ -26,12 +26,15 @@ async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
 
+    client: list[NatsClient] = []
+
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected", url=url)
+        if client and not (client[0].is_closed or client[0].is_draining):
+            log.warning("nats_disconnected", url=url)
 
     while True:
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 servers=[url],
                 name=name,
                 connect_timeout=2,
@@ -41,6 +44,8 @@ async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
             )
+            client.append(nc)
+            return nc
         except (NoServersError, OSError):
             if time.monotonic() > deadline:
                 raise ConnectionError(f"cannot reach NATS at {url} after {first_connect_timeout:.0f}s") from None

@@ -38,5 +38,9 @@ class Subjects:
     def all_heartbeats(self) -> str:
         return f"{self.prefix}.heartbeat.>"
 
+    def admin(self, instance_id: str, endpoint: str) -> str:
+        """Admin endpoints are per instance, so `drain` reaches exactly the worker named."""
+        return f"{self.prefix}.admin.{instance_id}.{endpoint}"
+
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}.stream.{request_id}"

@@ -11,6 +11,7 @@ A refused, failed or timed-out transfer writes nothing into the cache.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import structlog
@@ -71,10 +72,15 @@ class DecodeHandler:
         problem = incompatibility(self.ctx, job.kv)
         if problem is None and not self.ctx.engine_loop.engine.fits_budget(job.num_prompt_tokens + job.sampling.max_tokens):
             problem = "request does not fit this decoder's KV budget"
-        if problem is not None:
-            log.warning("handoff_refused", request_id=job.request_id, reason=problem)
-            await msg.respond(protocol.encode(ServiceError(ErrorCode.BAD_REQUEST, problem)))
+        refusal = ServiceError(ErrorCode.BAD_REQUEST, problem) if problem else self.ctx.refusal()
+        if job.request_id in self.ctx.cancelled:
+            self.ctx.cancelled.discard(job.request_id)
+            refusal = ServiceError(ErrorCode.BAD_REQUEST, "request was cancelled")
+        if refusal is not None:
+            log.warning("handoff_refused", request_id=job.request_id, reason=refusal.message)
+            await msg.respond(protocol.encode(refusal))
             return
+        self.ctx.waiting += 1
         nbytes = sum(seg.nbytes for seg in job.kv.segments)
         timeout = TRANSFER_TIMEOUT_BASE_S + nbytes / TRANSFER_MIN_BYTES_PER_S
         receiving = asyncio.create_task(self.receiver.receive(job.kv.segments, timeout=timeout))
@@ -86,7 +92,6 @@ class DecodeHandler:
     async def _continue(self, job: DecodeJob, receiving: asyncio.Task) -> None:
         structlog.contextvars.bind_contextvars(request_id=job.request_id)
         ctx = self.ctx
-        ctx.waiting += 1
         try:
             buffers, stats = await receiving
         except Exception as exc:
@@ -100,6 +105,9 @@ class DecodeHandler:
             return
         kv = buffers[0].view(dtype_from_name(job.kv.dtype)).reshape(job.kv.shape)
         log.info("kv_received", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), messages=stats.num_messages)
+        ctx.metrics.labels(ctx.metrics.kv_transfer_bytes, direction="received").inc(stats.nbytes)
+        ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="received").observe(stats.seconds)
+        placing_started = time.perf_counter()
         try:
             await ctx.engine_loop.call(
                 ctx.engine_loop.engine.add_prefilled,
@@ -113,6 +121,11 @@ class DecodeHandler:
             log.exception("kv_import_failed")
             await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
             await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV import failed: {exc}")
+            return
+        ctx.metrics.labels(ctx.metrics.reshard_seconds).observe(time.perf_counter() - placing_started)
+        if job.request_id in ctx.cancelled:  # cancelled while the KV was being placed
+            ctx.cancelled.discard(job.request_id)
+            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
             return
         ctx.streams.open(job.request_id, job.stream_subject, kv_transfer=stats)
         ctx.engine_loop.wake()

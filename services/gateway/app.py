@@ -15,6 +15,7 @@ from aiohttp import web
 
 from services.gateway.completion import Completion
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,14 +30,19 @@ log = structlog.get_logger()
 PATH_HEADER = "x-pdserve-path"
 
 
+RETRY_AFTER_S = 1
+
+
 @dataclass(frozen=True)
 class GatewayLimits:
     max_model_len: int
     default_max_tokens: int = 256
+    max_concurrent_requests: int = 256
 
 
 def _error_response(error: RequestError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
 
 
 @web.middleware
@@ -57,7 +63,9 @@ class Gateway:
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.limits = limits
+        self.metrics = GatewayMetrics()
         self.started = int(time.time())
+        self.in_flight: set[str] = set()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors])
@@ -65,7 +73,15 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
         return app
+
+    async def prometheus(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def cancel(self, request_id: str) -> bool:
+        """Ends a request: its client gets an error, its workers are told to stop."""
+        return self.dispatcher.interrupt(request_id)
 
     async def health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
@@ -121,10 +137,27 @@ class Gateway:
         )
 
     async def _generate(self, request: web.Request, body, prompt_ids: list[int], chat: bool) -> web.StreamResponse:
+        arrived = time.monotonic()
         sampling = self._sampling(body, len(prompt_ids))
+        if len(self.in_flight) >= self.limits.max_concurrent_requests:
+            self.metrics.rejected.labels(status="429").inc()
+            raise RequestError(429, f"the gateway is at its limit of {self.limits.max_concurrent_requests} concurrent requests")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        dispatched = await self.dispatcher.dispatch(request_id, self.model_name, prompt_ids, sampling)
+        self.in_flight.add(request_id)
+        try:
+            return await self._serve(request, body, prompt_ids, chat, sampling, request_id, arrived)
+        finally:
+            self.in_flight.discard(request_id)
+
+    async def _serve(self, request, body, prompt_ids, chat, sampling, request_id, arrived) -> web.StreamResponse:
+        try:
+            dispatched = await self.dispatcher.dispatch(request_id, self.model_name, prompt_ids, sampling)
+        except RequestError as error:
+            self.metrics.rejected.labels(status=str(error.status)).inc()
+            raise
+        self.metrics.queue.observe(time.monotonic() - arrived)
+        timing = TokenTiming(self.metrics, arrived)
         completion = Completion(
             request_id=request_id,
             model=self.model_name,
@@ -136,13 +169,29 @@ class Gateway:
             return_token_ids=body.return_token_ids,
         )
         headers = {PATH_HEADER: dispatched.placement.path.label}
-        if body.stream:
-            return await self._stream(request, completion, dispatched.events, body.include_usage, headers)
-        async for event in dispatched.events:
-            completion.absorb(event)
-        if completion.finish_reason is FinishReason.ERROR:
-            raise RequestError(500, completion.error or "generation failed")
-        return web.json_response(completion.final(), headers=headers)
+        events = timing.track(dispatched.events)
+        try:
+            if body.stream:
+                return await self._stream(request, completion, events, body.include_usage, headers)
+            async for event in events:
+                completion.absorb(event)
+            if completion.finish_reason is FinishReason.ERROR:
+                raise RequestError(500, completion.error or "generation failed")
+            if completion.finish_reason is FinishReason.CANCELLED:
+                raise RequestError(503, completion.error or "request cancelled")
+            return web.json_response(completion.final(), headers=headers)
+        finally:
+            # Close explicitly: a client that went away must cancel its workers now,
+            # not whenever the generators are garbage-collected.
+            await events.aclose()
+            await dispatched.events.aclose()
+            self._count_finished(completion)
+
+    def _count_finished(self, completion: Completion) -> None:
+        reason = completion.finish_reason.label if completion.finish_reason else "cancelled"
+        self.metrics.requests.labels(finish_reason=reason, path=completion.placement.path.label).inc()
+        self.metrics.prompt_tokens.inc(completion.num_prompt_tokens)
+        self.metrics.generation_tokens.inc(completion.num_generated)
 
     async def _stream(self, request, completion: Completion, events, include_usage: bool, headers: dict) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
@@ -158,6 +207,9 @@ class Gateway:
                 if event.finish_reason is FinishReason.ERROR:
                     await send(RequestError(500, completion.error or "generation failed").body())
                     break
+                if event.finish_reason is FinishReason.CANCELLED:
+                    await send(RequestError(503, completion.error or "request cancelled").body())
+                    break
                 if delta or first or completion.return_token_ids:
                     await send(completion.chunk(delta, event.token_ids, first=first))
                     first = False
@@ -165,8 +217,30 @@ class Gateway:
                     await send(completion.chunk("", [], finish=True))
         except RequestError as error:
             await send(error.body())
-        if include_usage and completion.finish_reason not in (None, FinishReason.ERROR):
+        if include_usage and completion.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             await send(completion.usage_chunk())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+class TokenTiming:
+    """Observes TTFT, inter-token gaps and end-to-end latency as events stream through."""
+
+    def __init__(self, metrics: GatewayMetrics, arrived: float):
+        self.metrics = metrics
+        self.arrived = arrived
+
+    async def track(self, events):
+        last = None
+        async for event in events:
+            now = time.monotonic()
+            if event.token_ids:
+                if last is None:
+                    self.metrics.ttft.observe(now - self.arrived)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+            if event.finish_reason is not None and event.finish_reason is not FinishReason.ERROR:
+                self.metrics.e2e.observe(now - self.arrived)
+            yield event

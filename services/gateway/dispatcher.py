@@ -19,6 +19,7 @@ from services.gateway.openai_schema import RequestError
 from shared import protocol
 from shared.protocol import (
     CancelRequest,
+    FinishReason,
     JobReply,
     PlaceReply,
     PlaceRequest,
@@ -54,6 +55,7 @@ class Dispatcher:
         self.nc = nc
         self.subjects = subjects
         self.stall_timeout_s = stall_timeout_s
+        self._inboxes: dict[str, asyncio.Queue[TokenEvent]] = {}
 
     async def _request(self, subject: str, payload: bytes, what: str):
         try:
@@ -89,8 +91,17 @@ class Dispatcher:
             raise
         return Dispatched(placement, self._events(request_id, placement, inbox, subscription))
 
+    def interrupt(self, request_id: str) -> bool:
+        """Ends a request's event stream with CANCELLED (its workers are then told to stop)."""
+        inbox = self._inboxes.get(request_id)
+        if inbox is None:
+            return False
+        inbox.put_nowait(TokenEvent(request_id, "gateway", [], FinishReason.CANCELLED, "cancelled by an operator"))
+        return True
+
     async def _events(self, request_id, placement, inbox, subscription) -> AsyncIterator[TokenEvent]:
         finished = False
+        self._inboxes[request_id] = inbox
         try:
             while True:
                 try:
@@ -99,9 +110,10 @@ class Dispatcher:
                     raise RequestError(503, f"no token for {self.stall_timeout_s:.0f}s; the worker may have failed") from None
                 yield event
                 if event.finish_reason is not None:
-                    finished = True
+                    finished = event.finish_reason is not FinishReason.CANCELLED
                     return
         finally:
+            del self._inboxes[request_id]
             await subscription.unsubscribe()
             if not finished:
                 await self.cancel(request_id, placement)

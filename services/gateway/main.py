@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 
 from aiohttp import web
 
 from services.gateway.app import Gateway, GatewayLimits
 from services.gateway.dispatcher import Dispatcher
+from shared.admin import AdminError, start_admin
 from shared.engine.loader import load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
+
+
+def admin_handlers(gateway: Gateway, instance_id: str, url: str) -> dict:
+    async def status(_: dict) -> dict:
+        return {"instance": instance_id, "kind": "gateway", "url": url, "model": gateway.model_name, "in_flight": len(gateway.in_flight)}
+
+    async def cancel(body: dict) -> dict:
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str):
+            raise AdminError(400, '"request_id" (a string) is required')
+        return {"request_id": request_id, "held": gateway.cancel(request_id)}
+
+    return {"status": status, "cancel": cancel}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -21,8 +36,13 @@ async def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     config = load_model_config(args.model)
     nc = await connect_nats(args.nats, "pd-gateway")
-    dispatcher = Dispatcher(nc, Subjects(args.prefix), stall_timeout_s=args.stall_timeout)
-    limits = GatewayLimits(max_model_len=config.max_position_embeddings, default_max_tokens=args.default_max_tokens)
+    subjects = Subjects(args.prefix)
+    dispatcher = Dispatcher(nc, subjects, stall_timeout_s=args.stall_timeout)
+    limits = GatewayLimits(
+        max_model_len=config.max_position_embeddings,
+        default_max_tokens=args.default_max_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+    )
     gateway = Gateway(args.model, tokenizer, dispatcher, limits)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # cancels the request on the workers (see Dispatcher).
@@ -30,9 +50,13 @@ async def run(args: argparse.Namespace) -> int:
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
-    log.info("gateway_started", url=f"http://{args.host}:{args.port}", model=args.model)
+    url = f"http://{args.host}:{args.port}"
+    instance_id = f"gateway-{uuid.uuid4().hex[:8]}"
+    admin = await start_admin(nc, subjects, "gateway", instance_id, admin_handlers(gateway, instance_id, url))
+    log.info("gateway_started", url=url, model=args.model, instance=instance_id)
     await stop.wait()
     log.info("gateway_stopping")
+    await admin.stop()
     await runner.cleanup()
     await close_nats(nc)
     return 0

@@ -10,6 +10,7 @@ Life cycle of a PrefillJob:
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import structlog
@@ -28,6 +29,7 @@ from shared.protocol import (
     KvSegment,
     Path,
     PrefillJob,
+    Role,
     ServiceError,
     TokenEvent,
 )
@@ -53,26 +55,39 @@ class PrefillHandler:
         except msgspec.DecodeError as exc:
             await msg.respond(protocol.encode(ServiceError(ErrorCode.BAD_REQUEST, f"malformed prefill job: {exc}")))
             return
-        engine = self.ctx.engine_loop.engine
-        needed = len(job.prompt_ids) + job.sampling.max_tokens
-        if not engine.fits_budget(needed):
-            error = ServiceError(ErrorCode.BAD_REQUEST, f"request needs {needed} KV tokens; this worker holds at most {engine.max_tokens}")
-            await msg.respond(protocol.encode(error))
+        refusal = self._refusal(job)
+        if refusal is not None:
+            await msg.respond(protocol.encode(refusal))
             return
+        self.ctx.waiting += 1  # counted from acceptance, so bursts see a full queue at once
+        self.ctx.queued_prefill_tokens += len(job.prompt_ids)
         await msg.respond(protocol.encode(JobAccepted(self.ctx.worker_id)))
         task = asyncio.create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _refusal(self, job: PrefillJob) -> ServiceError | None:
+        ctx = self.ctx
+        if job.path is Path.COLOCATED and ctx.role is Role.PREFILL:
+            return ServiceError(ErrorCode.BAD_REQUEST, f"{ctx.worker_id} is a prefill-only worker; it cannot decode locally")
+        if job.path is Path.DISAGG and ctx.role is Role.DECODE:
+            return ServiceError(ErrorCode.BAD_REQUEST, f"{ctx.worker_id} is a decode worker; it prefills only for itself")
+        engine = ctx.engine_loop.engine
+        needed = len(job.prompt_ids) + job.sampling.max_tokens
+        if not engine.fits_budget(needed):
+            return ServiceError(ErrorCode.BAD_REQUEST, f"request needs {needed} KV tokens; this worker holds at most {engine.max_tokens}")
+        return ctx.refusal()
+
     async def _run(self, job: PrefillJob) -> None:
         structlog.contextvars.bind_contextvars(request_id=job.request_id)
         ctx = self.ctx
-        ctx.queued_prefill_tokens += len(job.prompt_ids)
-        ctx.waiting += 1
+        started = time.perf_counter()
         try:
             first = await ctx.engine_loop.call(
                 ctx.engine_loop.engine.prefill, job.request_id, job.prompt_ids, engine_sampling(job.sampling)
             )
+            ctx.rates.observe_prefill(len(job.prompt_ids), time.perf_counter() - started)
+            ctx.metrics.labels(ctx.metrics.prefill_tokens).inc(len(job.prompt_ids))
         except Exception as exc:
             log.exception("prefill_failed")
             await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
@@ -123,4 +138,7 @@ class PrefillHandler:
             log.warning("handoff_failed", decode_worker=job.decode_worker, error=str(exc))
             await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV hand-off failed: {exc}")
             return
+        ctx.rates.observe_handoff(stats.nbytes, stats.seconds)
+        ctx.metrics.labels(ctx.metrics.kv_transfer_bytes, direction="sent").inc(stats.nbytes)
+        ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="sent").observe(stats.seconds)
         log.info("kv_pushed", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), decode_worker=job.decode_worker)

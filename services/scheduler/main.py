@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 
-from services.scheduler.policy import Mode
+from services.scheduler.policy import Mode, Policy
 from services.scheduler.service import SchedulerService
 from shared.log import configure_logging
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
@@ -14,12 +15,13 @@ from shared.subjects import Subjects
 async def run(args: argparse.Namespace) -> int:
     log = configure_logging("scheduler", args.log_level)
     try:
-        mode = Mode.parse(args.mode)
+        policy = Policy(mode=Mode.parse(args.mode))
     except ValueError as exc:
         raise SystemExit(f"pdserve scheduler: --mode: {exc}") from None
     stop = stop_event_on_signals()
     nc = await connect_nats(args.nats, "pd-scheduler")
-    service = SchedulerService(nc, Subjects(args.prefix), mode)
+    instance_id = f"scheduler-{uuid.uuid4().hex[:8]}"
+    service = SchedulerService(nc, Subjects(args.prefix), policy, instance_id)
     await service.start()
     await stop.wait()
     log.info("scheduler_stopping")

@@ -19,6 +19,7 @@ class WorkerLoad:
     seen_at: float
     placed_prefill_tokens: int = 0
     placed_decodes: int = 0
+    placed_waiting: int = 0
 
     @property
     def worker_id(self) -> str:
@@ -31,6 +32,10 @@ class WorkerLoad:
     @property
     def running(self) -> int:
         return self.beat.running + self.beat.waiting + self.placed_decodes
+
+    @property
+    def waiting(self) -> int:
+        return self.beat.waiting + self.placed_waiting
 
 
 class WorkerRegistry:

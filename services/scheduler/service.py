@@ -1,18 +1,21 @@
 """Scheduler service: worker registry from heartbeats, placement over request/reply.
 
 Several schedulers may run: placement requests are load-balanced by a NATS queue
-group, and every scheduler sees every heartbeat.
+group, and every scheduler sees every heartbeat. Admin: `status`, `policy`, `loglevel`.
 """
 
 from __future__ import annotations
+
+import time
 
 import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
 
-from services.scheduler.policy import Mode, place, record_placement
-from services.scheduler.registry import WorkerRegistry
+from services.scheduler.policy import Policy, place, record_placement
+from services.scheduler.registry import WorkerLoad, WorkerRegistry
 from shared import protocol
+from shared.admin import AdminError, start_admin
 from shared.protocol import ErrorCode, Heartbeat, PlaceRequest, Placement, ServiceError
 from shared.subjects import PLACE_QUEUE_GROUP, Subjects
 
@@ -22,22 +25,51 @@ _heartbeat_decoder = protocol.decoder(Heartbeat)
 _place_decoder = protocol.decoder(PlaceRequest)
 
 
+def worker_status(load: WorkerLoad, now: float) -> dict:
+    beat = load.beat
+    used = beat.total_kv_blocks - beat.free_kv_blocks
+    return {
+        "worker_id": beat.worker_id,
+        "role": beat.role.label,
+        "model": beat.model,
+        "running": beat.running,
+        "waiting": beat.waiting,
+        "queued_prefill_tokens": beat.queued_prefill_tokens,
+        "kv_blocks_used": used,
+        "kv_blocks_total": beat.total_kv_blocks,
+        "kv_usage": used / beat.total_kv_blocks if beat.total_kv_blocks else 0.0,
+        "draining": beat.draining,
+        "prefill_tokens_per_s": beat.prefill_tokens_per_s,
+        "handoff_bytes_per_s": beat.handoff_bytes_per_s,
+        "metrics_port": beat.metrics_port,
+        "last_heartbeat_s": round(now - load.seen_at, 3),
+    }
+
+
 class SchedulerService:
-    def __init__(self, nc: NatsClient, subjects: Subjects, mode: Mode, registry: WorkerRegistry | None = None):
+    def __init__(self, nc: NatsClient, subjects: Subjects, policy: Policy, instance_id: str, registry: WorkerRegistry | None = None):
         self.nc = nc
         self.subjects = subjects
-        self.mode = mode
+        self.policy = policy
+        self.instance_id = instance_id
         self.registry = registry or WorkerRegistry()
+        self.placed = 0
         self._subscriptions = []
+        self._admin = None
 
     async def start(self) -> None:
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat),
             await self.nc.subscribe(self.subjects.place, queue=PLACE_QUEUE_GROUP, cb=self._on_place),
         ]
-        log.info("scheduler_started", mode=self.mode.value)
+        self._admin = await start_admin(
+            self.nc, self.subjects, "scheduler", self.instance_id, {"status": self._status, "policy": self._policy}
+        )
+        log.info("scheduler_started", instance=self.instance_id, **self.policy.to_json())
 
     async def stop(self) -> None:
+        if self._admin is not None:
+            await self._admin.stop()
         for sub in self._subscriptions:
             await sub.unsubscribe()
 
@@ -54,8 +86,9 @@ class SchedulerService:
             await msg.respond(protocol.encode(ServiceError(ErrorCode.BAD_REQUEST, f"malformed place request: {exc}")))
             return
         workers = self.registry.alive()
-        result = place(request, workers, self.mode)
+        result = place(request, workers, self.policy)
         if isinstance(result, Placement):
+            self.placed += 1
             record_placement(result, request, {w.worker_id: w for w in workers})
             log.info(
                 "placed",
@@ -67,3 +100,27 @@ class SchedulerService:
         else:
             log.warning("placement_failed", request_id=request.request_id, reason=result.message)
         await msg.respond(protocol.encode(result))
+
+    async def _status(self, _: dict) -> dict:
+        now = time.monotonic()
+        workers = sorted(self.registry.alive(), key=lambda w: w.worker_id)
+        return {
+            "instance": self.instance_id,
+            "kind": "scheduler",
+            "policy": self.policy.to_json(),
+            "placed": self.placed,
+            "workers": [worker_status(w, now) for w in workers],
+        }
+
+    async def _policy(self, body: dict) -> dict:
+        """Without "set": the policy; with {"set": {key: value}}: changes it, then returns it."""
+        changes = body.get("set") or {}
+        if not isinstance(changes, dict):
+            raise AdminError(400, '"set" must be an object of policy keys to values')
+        try:
+            self.policy = self.policy.updated(changes)
+        except ValueError as exc:
+            raise AdminError(400, str(exc)) from None
+        if changes:
+            log.info("policy_changed", **self.policy.to_json())
+        return self.policy.to_json()

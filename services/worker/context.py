@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 import torch
 from nats.aio.client import Client as NatsClient
 
+from services.worker.cancellations import Cancellations
 from services.worker.engine_loop import EngineLoop
+from services.worker.metrics import WorkerMetrics
+from services.worker.rates import MeasuredRates
 from services.worker.streams import TokenStreams
 from shared.engine.loader import LoadedModel
 from shared.engine.sampling import SamplingParams
-from shared.protocol import FinishReason, Role, Sampling
+from shared.protocol import ErrorCode, FinishReason, Role, Sampling, ServiceError
 from shared.subjects import Subjects
 
 
@@ -25,9 +28,21 @@ class WorkerContext:
     engine_loop: EngineLoop
     streams: TokenStreams
     kv_dtype: torch.dtype
-    cancelled: set[str] = field(default_factory=set)
+    metrics: WorkerMetrics
+    max_waiting: int = 64
+    cancelled: Cancellations = field(default_factory=Cancellations)
     queued_prefill_tokens: int = 0
-    waiting: int = 0
+    waiting: int = 0  # accepted jobs not yet decoding: queued prefills and hand-offs in flight
+    draining: bool = False
+    rates: MeasuredRates = field(default_factory=MeasuredRates)
+
+    def refusal(self) -> ServiceError | None:
+        """Why a new job cannot be taken now, if it cannot."""
+        if self.draining:
+            return ServiceError(ErrorCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+        if self.waiting >= self.max_waiting:
+            return ServiceError(ErrorCode.TOO_MANY_REQUESTS, f"worker {self.worker_id} has {self.waiting} requests waiting")
+        return None
 
 
 def engine_sampling(sampling: Sampling) -> SamplingParams:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
 
 import torch
@@ -15,6 +16,8 @@ from shared.protocol import Role
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
+STOP_TIMEOUT_S = 15.0
+
 
 async def run(args: argparse.Namespace) -> int:
     role = Role[args.role.upper()]
@@ -26,10 +29,24 @@ async def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
-    service = WorkerService(nc, Subjects(args.prefix), worker_id, role, loaded, engine, ucx_host=args.ucx_host)
+    service = WorkerService(
+        nc,
+        Subjects(args.prefix),
+        worker_id,
+        role,
+        loaded,
+        engine,
+        ucx_host=args.ucx_host,
+        max_waiting=args.max_waiting,
+        metrics_port=args.metrics_port,
+        on_drained=stop.set,
+    )
     await service.start()
     await stop.wait()
     log.info("worker_stopping")
-    await service.stop()
+    try:
+        await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("worker_stop_timed_out")
     await close_nats(nc)
     return 0

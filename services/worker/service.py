@@ -1,9 +1,14 @@
-"""A worker process: engine + NATS control + UCX data, for role prefill, decode or both."""
+"""A worker process: engine + NATS control + UCX data, for role prefill, decode or both.
+
+Admin endpoints: `status`, `drain` (stop taking work, finish what is in flight, exit),
+`cancel`, `loglevel`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import msgspec
 import structlog
@@ -14,8 +19,10 @@ from services.prefill.handler import PrefillHandler
 from services.scheduler.registry import HEARTBEAT_INTERVAL_S
 from services.worker.context import WorkerContext, finish_reason
 from services.worker.engine_loop import EngineLoop
+from services.worker.metrics import WorkerMetrics
 from services.worker.streams import TokenStreams
 from shared import protocol
+from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
 from shared.protocol import CancelRequest, Heartbeat, Role
@@ -37,8 +44,12 @@ class WorkerService:
         model: LoadedModel,
         engine: Engine,
         ucx_host: str = "127.0.0.1",
+        max_waiting: int = 64,
+        metrics_port: int = 0,
+        on_drained: Callable[[], None] = lambda: None,
     ):
         self.ucx_host = ucx_host
+        self.metrics_port = metrics_port
         self.ctx = WorkerContext(
             nc=nc,
             subjects=subjects,
@@ -48,11 +59,15 @@ class WorkerService:
             engine_loop=EngineLoop(engine, self._on_tokens),
             streams=TokenStreams(nc, worker_id),
             kv_dtype=engine.kv_dtype,
+            metrics=WorkerMetrics(worker_id, role.label),
+            max_waiting=max_waiting,
         )
         self.receiver = KvReceiver(ucx_host)
         self.sender = KvSender()
+        self._on_drained = on_drained
         self._subscriptions = []
-        self._heartbeat: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._admin = None
 
     @property
     def engine(self) -> Engine:
@@ -63,20 +78,32 @@ class WorkerService:
         await self.receiver.start()
         ctx.engine_loop.start()
         subjects = ctx.subjects
-        if ctx.role in (Role.PREFILL, Role.BOTH):
-            prefill = PrefillHandler(ctx, self.sender)
-            self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=prefill.on_job))
+        # Every role takes prefill jobs: a decode worker prefills for itself when the
+        # scheduler decides a hand-off does not pay (auto mode).
+        prefill = PrefillHandler(ctx, self.sender)
+        self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=prefill.on_job))
         if ctx.role in (Role.DECODE, Role.BOTH):
             decode = DecodeHandler(ctx, self.receiver, self.ucx_host)
             self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=decode.on_job))
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_cancel(ctx.worker_id), cb=self._on_cancel))
+        self._admin = await start_admin(
+            ctx.nc,
+            subjects,
+            "worker",
+            ctx.worker_id,
+            {"status": self._status, "drain": self._drain, "cancel": self._admin_cancel},
+        )
+        if self.metrics_port:
+            ctx.metrics.serve(self.metrics_port)
         await self._beat()  # be placeable at once, not one interval later
-        self._heartbeat = asyncio.create_task(self._beat_forever(), name="heartbeat")
+        self._tasks.append(asyncio.create_task(self._beat_forever(), name="heartbeat"))
         log.info("worker_started", worker_id=ctx.worker_id, role=ctx.role.label, model=ctx.model.name, ucx_port=self.receiver.port)
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._admin is not None:
+            await self._admin.stop()
         for sub in self._subscriptions:
             await sub.unsubscribe()
         await self.ctx.engine_loop.stop()
@@ -84,11 +111,22 @@ class WorkerService:
         await self.receiver.close()
 
     async def _on_tokens(self, outputs: list[TokenOutput]) -> None:
+        metrics = self.ctx.metrics
+        metrics.labels(metrics.generated_tokens).inc(len(outputs))
         for out in outputs:
             reason = finish_reason(out.finish_reason)
             await self.ctx.streams.publish(out.request_id, [out.token_id], reason)
             if reason is not None:
                 await self.ctx.engine_loop.call(self.engine.free, out.request_id)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Stops the request wherever it is on this worker; True if it held it."""
+        held = request_id in self.ctx.streams or self.engine.holds(request_id)
+        self.ctx.streams.close(request_id)
+        self.ctx.cancelled.add(request_id)
+        await self.ctx.engine_loop.call(self.engine.abort, request_id)
+        log.info("cancelled", request_id=request_id, held=held)
+        return held
 
     async def _on_cancel(self, msg) -> None:
         try:
@@ -96,13 +134,51 @@ class WorkerService:
         except msgspec.DecodeError:
             log.warning("malformed_cancel")
             return
-        self.ctx.streams.close(request_id)
-        self.ctx.cancelled.add(request_id)
-        await self.ctx.engine_loop.call(self.engine.abort, request_id)
-        log.info("cancelled", request_id=request_id)
+        await self.cancel(request_id)
+
+    async def _admin_cancel(self, body: dict) -> dict:
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str):
+            raise AdminError(400, '"request_id" (a string) is required')
+        return {"request_id": request_id, "held": await self.cancel(request_id)}
+
+    async def _status(self, _: dict) -> dict:
+        beat = self.heartbeat()
+        return {
+            "instance": beat.worker_id,
+            "kind": "worker",
+            "role": beat.role.label,
+            "model": beat.model,
+            "running": beat.running,
+            "waiting": beat.waiting,
+            "sessions_in_flight": self.engine.num_sequences,
+            "kv_blocks_used": beat.total_kv_blocks - beat.free_kv_blocks,
+            "kv_blocks_total": beat.total_kv_blocks,
+            "draining": beat.draining,
+            "metrics_port": self.metrics_port,
+        }
+
+    async def _drain(self, _: dict) -> dict:
+        if not self.ctx.draining:
+            self.ctx.draining = True
+            await self._beat()  # leave placement now, not at the next beat
+            self._tasks.append(asyncio.create_task(self._finish_then_exit(), name="drain"))
+            log.info("draining")
+        return {"instance": self.ctx.worker_id, "draining": True}
+
+    async def _finish_then_exit(self) -> None:
+        while self.ctx.waiting or self.engine.num_sequences:
+            await asyncio.sleep(0.1)
+        log.info("drained")
+        self._on_drained()
 
     def heartbeat(self) -> Heartbeat:
         ctx = self.ctx
+        engine = self.engine
+        metrics = ctx.metrics
+        metrics.labels(metrics.kv_usage).set(1 - engine.num_free_blocks / engine.num_blocks)
+        metrics.labels(metrics.running).set(engine.num_running)
+        metrics.labels(metrics.waiting).set(ctx.waiting)
         return Heartbeat(
             worker_id=ctx.worker_id,
             role=ctx.role,
@@ -110,12 +186,17 @@ class WorkerService:
             model_fingerprint=ctx.model.config.fingerprint(),
             ucx_host=self.ucx_host,
             ucx_port=self.receiver.port,
-            running=self.engine.num_running,
+            running=engine.num_running,
             waiting=ctx.waiting,
-            free_kv_blocks=self.engine.num_free_blocks,
-            total_kv_blocks=self.engine.num_blocks,
+            free_kv_blocks=engine.num_free_blocks,
+            total_kv_blocks=engine.num_blocks,
             queued_prefill_tokens=ctx.queued_prefill_tokens,
             sent_at=time.time(),
+            kv_bytes_per_token=engine.kv_bytes_per_token,
+            draining=ctx.draining,
+            prefill_tokens_per_s=ctx.rates.prefill_tokens_per_s,
+            handoff_bytes_per_s=ctx.rates.handoff_bytes_per_s,
+            metrics_port=self.metrics_port,
         )
 
     async def _beat(self) -> None:

@@ -1,0 +1,40 @@
+"""Where a running `pdserve up` leaves its NATS URL, so `pdserve admin` finds it without --nats."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shared.processes import alive
+
+
+def state_dir() -> Path:
+    base = os.environ.get("PDSERVE_STATE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
+    return Path(base) / "stacks"
+
+
+def record_stack(pid: int, nats_url: str, prefix: str, gateway_url: str) -> Path:
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pid}.json"
+    path.write_text(json.dumps({"pid": pid, "nats_url": nats_url, "prefix": prefix, "gateway_url": gateway_url}))
+    return path
+
+
+def running_stacks() -> list[dict]:
+    """Stacks whose `pdserve up` is still alive, newest first; stale files are removed."""
+    directory = state_dir()
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if alive(int(entry.get("pid", -1))):
+            found.append((path.stat().st_mtime, entry))
+        else:
+            path.unlink(missing_ok=True)
+    return [entry for _, entry in sorted(found, key=lambda item: item[0], reverse=True)]

@@ -1,0 +1,202 @@
+"""Control plane end to end: admin over NATS micro, auto placement, admission, cancellation, metrics."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import nats
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.scheduler.registry import WORKER_TTL_S
+from shared import processes
+from tests.stack import start_stack, stop_stack_group
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama"
+
+
+def admin(*argv: str, env: dict | None = None) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "admin", *argv, "--json"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def prompt_of(num_tokens: int) -> list[int]:
+    return [1000 + i % 500 for i in range(num_tokens)]
+
+
+async def complete(base_url: str, num_prompt_tokens: int, max_tokens: int = 4) -> tuple[int, dict, dict]:
+    body = {"model": MODEL, "prompt": prompt_of(num_prompt_tokens), "max_tokens": max_tokens, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base_url}/completions", json=body) as response:
+            return response.status, await response.json(), dict(response.headers)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    os.environ["PDSERVE_STATE_DIR"] = str(state)  # `pdserve admin` finds this stack without --nats
+    running = start_stack("--model", MODEL, "--decode", "2")
+    yield running
+    del os.environ["PDSERVE_STATE_DIR"]
+    assert stop_stack_group(running.proc)
+
+
+def workers_by_id(nats_url: str) -> dict[str, dict]:
+    return {w["worker_id"]: w for w in admin("status", "--nats", nats_url)["workers"]}
+
+
+async def test_status_lists_every_service_and_each_answers_ping(stack):
+    report = admin("status")  # no --nats: found through the running stack's state file
+    kinds = sorted(s["kind"] for s in report["services"])
+    assert kinds == ["gateway", "scheduler", "worker", "worker", "worker"]
+    assert all("status" in s for s in report["services"])
+    assert {w["worker_id"] for w in report["workers"]} == {"prefill-0", "decode-0", "decode-1"}
+
+    nc = await nats.connect(stack.nats_url)
+    replies = []
+
+    async def collect(msg):
+        replies.append(json.loads(msg.data))
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=collect)
+    await nc.publish("$SRV.PING", b"", reply=inbox)
+    await asyncio.sleep(0.5)
+    await nc.close()
+    instances = sorted(r["metadata"]["instance"] for r in replies if r["name"].startswith("pdserve-"))
+    assert instances == sorted(s["instance"] for s in report["services"])
+
+
+async def test_disconnecting_client_frees_kv_on_both_workers(stack):
+    body = {"model": MODEL, "prompt": prompt_of(200), "max_tokens": 6000, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{stack.base_url}/completions", json=body)
+        for _ in range(5):  # a few tokens in: the decode worker holds the KV by now
+            await response.content.readline()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            holding = [w for w in workers_by_id(stack.nats_url).values() if w["kv_blocks_used"] > 0]
+            if holding:
+                break
+        assert [w["role"] for w in holding] == ["decode"]
+        response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = workers_by_id(stack.nats_url)
+        if all(w["kv_blocks_used"] == 0 and w["running"] == 0 for w in after.values()):
+            break
+        await asyncio.sleep(0.2)
+    assert all(w["kv_blocks_used"] == 0 and w["running"] == 0 for w in after.values()), after
+
+
+async def test_admin_cancel_ends_a_request_and_frees_its_kv(stack):
+    body = {"model": MODEL, "prompt": prompt_of(50), "max_tokens": 6000, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{stack.base_url}/completions", json=body) as response:
+            first = await response.content.readline()
+            request_id = json.loads(first[6:])["id"]
+            cancelled = admin("cancel", request_id, "--nats", stack.nats_url)
+            rest = await asyncio.wait_for(response.content.read(), timeout=10)  # the stream ends, no hang
+    assert any(reply["held"] for reply in cancelled.values())
+    assert b"cancelled by an operator" in rest
+    await asyncio.sleep(0.5)
+    assert all(w["kv_blocks_used"] == 0 for w in workers_by_id(stack.nats_url).values())
+
+
+async def test_metrics_parse_and_ttft_counts_every_finished_request(stack):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{stack.root_url}/metrics") as response:
+            before = {s.name: s.value for f in text_string_to_metric_families(await response.text()) for s in f.samples}
+    for _ in range(3):
+        status, _, _ = await complete(stack.base_url, 20)
+        assert status == 200
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{stack.root_url}/metrics") as response:
+            families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    samples = {s.name: s for f in families.values() for s in f.samples}
+    ttft_count = samples["pdserve_time_to_first_token_seconds_count"].value
+    finished = sum(s.value for s in families["pdserve_requests"].samples if s.name == "pdserve_requests_total")
+    assert ttft_count - before.get("pdserve_time_to_first_token_seconds_count", 0) == 3
+    assert ttft_count == finished
+    assert "pdserve_inter_token_latency_seconds" in families
+    assert "pdserve_e2e_request_latency_seconds" in families
+    assert samples["pdserve_generation_tokens_total"].value >= 12
+
+
+async def test_drained_worker_finishes_then_leaves(stack):
+    drained = admin("drain", "decode-1", "--nats", stack.nats_url)
+    assert drained["decode-1"]["draining"] is True
+    deadline = time.monotonic() + 20
+    while "decode-1" in workers_by_id(stack.nats_url) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert "decode-1" not in workers_by_id(stack.nats_url)
+    status, reply, _ = await complete(stack.base_url, 20)  # the rest of the stack still serves
+    assert status == 200 and reply["usage"]["pdserve"]["decode_worker"] == "decode-0"
+
+
+async def test_auto_mode_follows_policy_changed_at_run_time():
+    running = start_stack("--model", MODEL, "--mode", "auto")
+    try:
+        url = running.nats_url
+        # Make the decode pool a poor prefiller so long prompts are worth handing off.
+        admin("policy", "--nats", url, "local_prefill_efficiency=0.01", "remote_min_prompt_tokens=100")
+        short = await complete(running.base_url, 20)
+        long = await complete(running.base_url, 400)
+        admin("policy", "--nats", url, "remote_min_prompt_tokens=100000")
+        long_after = await complete(running.base_url, 400)
+    finally:
+        assert stop_stack_group(running.proc)
+    assert short[2]["x-pdserve-path"] == "colocated" and short[1]["usage"]["pdserve"]["path"] == "colocated"
+    assert long[2]["x-pdserve-path"] == "disagg" and long[1]["usage"]["pdserve"]["path"] == "disagg"
+    assert long_after[2]["x-pdserve-path"] == "colocated"
+
+
+async def test_429_with_retry_after_exactly_when_full():
+    running = start_stack("--model", MODEL, "--max-concurrent-requests", "1")
+    try:
+        body = {"model": MODEL, "prompt": prompt_of(20), "max_tokens": 6000, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{running.base_url}/completions", json=body) as first:
+                await first.content.readline()
+                status, reply, headers = await complete(running.base_url, 10)
+        await asyncio.sleep(0.5)
+        status_after, _, _ = await complete(running.base_url, 10)
+    finally:
+        assert stop_stack_group(running.proc)
+    assert status == 429
+    assert headers["Retry-After"] == "1"
+    assert reply["error"]["type"] == "rate_limit_error"
+    assert status_after == 200
+
+
+def test_killed_worker_leaves_status_within_ttl(nats_server):
+    argv = [sys.executable, "-m", "services.cli"]
+    common = ["--nats", nats_server.url, "--model", MODEL, "--threads", "1"]
+    children = [
+        processes.spawn(argv + ["scheduler", "--nats", nats_server.url]),
+        processes.spawn(argv + ["worker", "--role", "decode", "--worker-id", "victim", *common]),
+        processes.spawn(argv + ["worker", "--role", "decode", "--worker-id", "survivor", *common]),
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while set(workers_by_id(nats_server.url)) != {"victim", "survivor"}:
+            assert time.monotonic() < deadline, "workers never registered"
+            time.sleep(0.5)
+        children[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while "victim" in workers_by_id(nats_server.url):
+            time.sleep(0.2)
+            assert time.monotonic() - killed_at < WORKER_TTL_S + 3.0, "dead worker still listed"
+        assert "survivor" in workers_by_id(nats_server.url)
+    finally:
+        processes.stop(children)
