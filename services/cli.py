@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model(worker)
         _add_worker_options(worker)
         worker.add_argument("--worker-id", default=None)
-        worker.add_argument("--ucx-host", default="127.0.0.1", help="address decoders listen on for KV")
+        worker.add_argument("--ucx-host", default="127.0.0.1", help="address peers reach this worker's UCX listener on ('auto': this host's IP)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
         if role == "worker":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import uuid
 
 import torch
@@ -17,6 +18,11 @@ from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
 STOP_TIMEOUT_S = 15.0
+
+
+def resolve_ucx_host(value: str) -> str:
+    """`auto`: this host's address as its peers see it (a container's own IP under compose)."""
+    return socket.gethostbyname(socket.gethostname()) if value == "auto" else value
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -36,7 +42,7 @@ async def run(args: argparse.Namespace) -> int:
         role,
         loaded,
         engine,
-        ucx_host=args.ucx_host,
+        ucx_host=resolve_ucx_host(args.ucx_host),
         max_waiting=args.max_waiting,
         metrics_port=args.metrics_port,
         on_drained=stop.set,

@@ -1,0 +1,76 @@
+"""The compose files validate against the Compose specification's JSON schema (no Docker
+engine here), and every service command is one our CLI accepts."""
+
+import copy
+import json
+from importlib.metadata import distribution
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from services.cli import build_parser
+
+COMPOSE = Path(__file__).resolve().parent.parent / "compose"
+
+
+def compose_schema() -> dict:
+    # docker-compose 1.29's wheel ships the compose-spec schema; installed --no-deps for it.
+    path = distribution("docker-compose").locate_file("compose/config/compose_spec.json")
+    return json.loads(Path(path).read_text())
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((COMPOSE / name).read_text())
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Compose's merge for what our override uses: mappings merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def without_extensions(document: dict) -> dict:
+    return {k: v for k, v in document.items() if not k.startswith("x-")}
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_compose_files_match_the_specification(files):
+    document = load(files[0])
+    for name in files[1:]:
+        document = merge(document, without_extensions(load(name)))
+    jsonschema.validate(document, compose_schema(), cls=jsonschema.Draft201909Validator)
+
+
+def test_schema_rejects_a_broken_file():
+    broken = load("docker-compose.yml")
+    broken["services"]["gateway"]["depends_on"]["nats"]["condition"] = "whenever"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, compose_schema(), cls=jsonschema.Draft201909Validator)
+
+
+def test_stack_shape():
+    services = load("docker-compose.yml")["services"]
+    assert set(services) == {"nats", "scheduler", "gateway", "prefill", "decode"}
+    assert "-js" in services["nats"]["command"] and "healthcheck" in services["nats"]
+    for name in ("scheduler", "gateway", "prefill", "decode"):
+        assert services[name]["depends_on"]["nats"]["condition"] == "service_healthy"
+    for scalable in ("prefill", "decode"):  # `--scale` needs no fixed name or host port
+        assert "container_name" not in services[scalable] and "ports" not in services[scalable]
+    gpu = load("docker-compose.gpu.yml")["services"]
+    for worker in ("prefill", "decode"):
+        devices = gpu[worker]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_every_service_command_parses():
+    parser = build_parser()
+    for name, service in load("docker-compose.yml")["services"].items():
+        if name != "nats":
+            parser.parse_args(service["command"])
