@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    from loadtest.cli import register as register_bench
     from services.admin.cli import register as register_admin
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
+    register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
     return parser
 
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.launcher import run_stack
 
         return run_stack(args)
+    if args.command == "bench":
+        from loadtest.cli import run as run_bench
+
+        return run_bench(args)
     if args.command == "admin":
         from services.admin.cli import run as run_admin
 

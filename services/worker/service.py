@@ -32,6 +32,7 @@ from shared.transport.ucx_kv import KvReceiver, KvSender
 log = structlog.get_logger()
 
 _cancel_decoder = protocol.decoder(CancelRequest)
+_heartbeat_decoder = protocol.decoder(Heartbeat)
 
 
 class WorkerService:
@@ -68,6 +69,7 @@ class WorkerService:
         self._subscriptions = []
         self._tasks: list[asyncio.Task] = []
         self._admin = None
+        self._warmed: set[tuple[str, int]] = set()
 
     @property
     def engine(self) -> Engine:
@@ -86,6 +88,8 @@ class WorkerService:
             decode = DecodeHandler(ctx, self.receiver, self.ucx_host)
             self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=decode.on_job))
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_cancel(ctx.worker_id), cb=self._on_cancel))
+        if ctx.role in (Role.PREFILL, Role.BOTH):
+            self._subscriptions.append(await ctx.nc.subscribe(subjects.all_heartbeats, cb=self._warm_up_decoder))
         self._admin = await start_admin(
             ctx.nc,
             subjects,
@@ -127,6 +131,26 @@ class WorkerService:
         await self.ctx.engine_loop.call(self.engine.abort, request_id)
         log.info("cancelled", request_id=request_id, held=held)
         return held
+
+    async def _warm_up_decoder(self, msg) -> None:
+        """Connects to each decoder once when it first appears, so no request pays for it."""
+        try:
+            beat = _heartbeat_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        peer = (beat.ucx_host, beat.ucx_port)
+        if beat.role is Role.PREFILL or beat.worker_id == self.ctx.worker_id or peer in self._warmed:
+            return
+        self._warmed.add(peer)
+        task = asyncio.create_task(self._connect_quietly(*peer))
+        self._tasks.append(task)
+
+    async def _connect_quietly(self, host: str, port: int) -> None:
+        try:
+            await self.sender.connect(host, port)
+        except Exception as exc:  # the hand-off itself will retry and report
+            self._warmed.discard((host, port))
+            log.warning("ucx_warm_up_failed", peer=f"{host}:{port}", error=repr(exc))
 
     async def _on_cancel(self, msg) -> None:
         try:

@@ -85,6 +85,10 @@ class KvSender:
         self._endpoints: dict[tuple[str, int], object] = {}
         self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
 
+    async def connect(self, host: str, port: int) -> None:
+        """Opens (and keeps) the endpoint ahead of the first hand-off, which would pay for it."""
+        await self._endpoint(host, port)
+
     async def _endpoint(self, host: str, port: int):
         key = (host, port)
         lock = self._connecting.setdefault(key, asyncio.Lock())
