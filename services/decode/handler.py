@@ -16,7 +16,7 @@ import time
 import msgspec
 import structlog
 
-from services.worker.context import WorkerContext, dtype_from_name, dtype_name, engine_sampling
+from services.worker.context import WorkerContext, dtype_from_name, dtype_name, engine_sampling, wait_for_kv_room
 from shared import protocol
 from shared.protocol import DecodeJob, ErrorCode, FinishReason, KvDescriptor, KvReady, ServiceError
 from shared.transport.ucx_kv import KvReceiver
@@ -104,6 +104,8 @@ class DecodeHandler:
             ctx.cancelled.discard(job.request_id)
             return
         kv = buffers[0].view(dtype_from_name(job.kv.dtype)).reshape(job.kv.shape)
+        if not await wait_for_kv_room(ctx, job.request_id, job.num_prompt_tokens + job.sampling.max_tokens):
+            return  # cancelled while waiting for room
         log.info("kv_received", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), messages=stats.num_messages)
         ctx.metrics.labels(ctx.metrics.kv_transfer_bytes, direction="received").inc(stats.nbytes)
         ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="received").observe(stats.seconds)

@@ -14,8 +14,9 @@ import time
 
 import msgspec
 import structlog
+import torch
 
-from services.worker.context import WorkerContext, dtype_name, engine_sampling, finish_reason
+from services.worker.context import WorkerContext, dtype_name, engine_sampling, finish_reason, wait_for_kv_room
 from shared import protocol
 from shared.engine.engine import KvCapacityError, TokenOutput
 from shared.protocol import (
@@ -81,16 +82,23 @@ class PrefillHandler:
     async def _run(self, job: PrefillJob) -> None:
         structlog.contextvars.bind_contextvars(request_id=job.request_id)
         ctx = self.ctx
-        started = time.perf_counter()
+        engine = ctx.engine_loop.engine
         try:
-            first = await ctx.engine_loop.call(
-                ctx.engine_loop.engine.prefill, job.request_id, job.prompt_ids, engine_sampling(job.sampling)
-            )
+            if not await wait_for_kv_room(ctx, job.request_id, len(job.prompt_ids) + job.sampling.max_tokens):
+                return  # cancelled while queued
+            started = time.perf_counter()
+            sampling = engine_sampling(job.sampling)
+            if job.path is Path.DISAGG:
+                # One engine call: on a role=both worker a decode step could otherwise run
+                # (or finish and free) the sequence between prefill and export.
+                first, kv = await ctx.engine_loop.call(engine.prefill_and_export, job.request_id, job.prompt_ids, sampling)
+            else:
+                first, kv = await ctx.engine_loop.call(engine.prefill, job.request_id, job.prompt_ids, sampling), None
             ctx.rates.observe_prefill(len(job.prompt_ids), time.perf_counter() - started)
             ctx.metrics.labels(ctx.metrics.prefill_tokens).inc(len(job.prompt_ids))
         except Exception as exc:
             log.exception("prefill_failed")
-            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
+            await ctx.engine_loop.call(engine.free, job.request_id)
             await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"prefill failed: {exc}")
             return
         finally:
@@ -98,29 +106,26 @@ class PrefillHandler:
             ctx.waiting -= 1
         if job.request_id in ctx.cancelled:
             ctx.cancelled.discard(job.request_id)
-            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
+            await ctx.engine_loop.call(engine.free, job.request_id)
             return
-        if first.finish_reason is not None:
+        if first.finish_reason is not None or kv is not None:
             await self._publish_first(job, first)
-            await ctx.engine_loop.call(ctx.engine_loop.engine.free, job.request_id)
-        elif job.path is Path.COLOCATED:
+        if first.finish_reason is not None:
+            await ctx.engine_loop.call(engine.free, job.request_id)
+        elif kv is None:  # colocated: this worker decodes it too
             ctx.streams.open(job.request_id, job.stream_subject)
             await ctx.streams.publish(job.request_id, [first.token_id])
             ctx.engine_loop.wake()
         else:
-            await self._publish_first(job, first)
-            await self._hand_off(job, first)
+            await self._hand_off(job, first, kv)
 
     async def _publish_first(self, job: PrefillJob, first: TokenOutput) -> None:
         event = TokenEvent(job.request_id, self.ctx.worker_id, [first.token_id], finish_reason(first.finish_reason))
         await self.ctx.nc.publish(job.stream_subject, protocol.encode(event))
 
-    async def _hand_off(self, job: PrefillJob, first: TokenOutput) -> None:
+    async def _hand_off(self, job: PrefillJob, first: TokenOutput, kv: torch.Tensor) -> None:
         """Announce the KV over NATS, then push it over UCX once the decoder is ready."""
         ctx = self.ctx
-        engine = ctx.engine_loop.engine
-        kv = await ctx.engine_loop.call(engine.export_kv, job.request_id)
-        await ctx.engine_loop.call(engine.free, job.request_id)
         # kv: [layers, 2, tokens, kv_heads, head_dim]; one virtual rank on each side for now.
         segments = [KvSegment(0, 0, segment_tag(job.request_id, 0, 0), kv.numel() * kv.element_size())]
         descriptor = KvDescriptor(ctx.model.config.fingerprint(), dtype_name(kv.dtype), list(kv.shape), segments)

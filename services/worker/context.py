@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import torch
@@ -70,3 +71,21 @@ def dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
+
+
+KV_ROOM_POLL_S = 0.02
+
+
+async def wait_for_kv_room(ctx: WorkerContext, request_id: str, num_tokens: int) -> bool:
+    """Waits (in the worker's bounded queue) until the cache can take the request.
+
+    False if the request was cancelled meanwhile. Blocks free as running requests finish,
+    so this never waits on itself; the queue bound (`max_waiting`) keeps it finite.
+    """
+    engine = ctx.engine_loop.engine
+    while not engine.can_admit(num_tokens):
+        if request_id in ctx.cancelled:
+            ctx.cancelled.discard(request_id)
+            return False
+        await asyncio.sleep(KV_ROOM_POLL_S)
+    return request_id not in ctx.cancelled

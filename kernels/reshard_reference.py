@@ -1,0 +1,267 @@
+"""KV re-shard in plain torch: the prefill-side gather, the decoder-side scatter, and the oracle.
+
+Paged caches hold K (or V) for every layer, in the spec's memory layout:
+NHD `[layers, blocks, page, heads, dim]` or HND `[layers, blocks, heads, page, dim]`.
+Ranks are virtual, so one cache tensor holds every rank's shard; a rank's shard is its
+layers x heads sub-block of it. A request's token `p` lives in page
+`block_table[p // page]` at offset `p % page`.
+
+- `gather_pair_buffers` (prefill side): one contiguous buffer per (src rank, dst rank)
+  pair, in the wire order of `shared.transfer_plan` (`[layer][K/V][token][head][dim]`).
+- `scatter_pair_buffers` (decoder side, the CPU serving path): buffers -> paged cache,
+  handling head slicing/merging, page-size change, HND/NHD and dtype cast. Each run of
+  consecutive blocks is one strided `copy_` per piece and K/V (see `page_views`).
+- `reference_reshard` / `reference_shards`: obviously-correct token-by-token versions,
+  the oracle for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from shared.kv_spec import KvSpec
+from shared.layouts import Layout
+from shared.transfer_plan import PairPlan, Piece, TransferPlan
+
+BlockTable = Sequence[int] | torch.Tensor
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def check_cache(key: torch.Tensor, value: torch.Tensor, spec: KvSpec, what: str) -> None:
+    """Raises ValueError unless K and V are paged caches of `spec` (shape, layout, dtype)."""
+    if key.shape != value.shape or key.dtype != value.dtype or key.device != value.device:
+        raise ValueError(f"{what}: K {tuple(key.shape)} {key.dtype} and V {tuple(value.shape)} {value.dtype} differ")
+    if key.dim() != 5 or tuple(key.shape) != spec.cache_shape(key.shape[1]):
+        raise ValueError(f"{what}: cache shape {tuple(key.shape)} is not {spec.memory_layout} {spec.cache_shape(key.shape[1] if key.dim() == 5 else 0)}")
+    if key.dtype != spec.dtype:
+        raise ValueError(f"{what}: cache dtype {key.dtype} differs from the spec's {spec.dtype}")
+
+
+def page_ids(block_table: BlockTable, num_tokens: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """The int64 page ids holding tokens [0, num_tokens), on `device`."""
+    return torch.tensor(block_list(block_table, num_tokens, page_size), dtype=torch.long, device=device)
+
+
+def block_list(block_table: BlockTable, num_tokens: int, page_size: int) -> list[int]:
+    """The block ids holding tokens [0, num_tokens), as Python ints."""
+    needed = pages_needed(num_tokens, page_size)
+    if len(block_table) < needed:
+        raise ValueError(f"block table has {len(block_table)} pages; {num_tokens} tokens of page size {page_size} need {needed}")
+    head = block_table[:needed]
+    return head.tolist() if isinstance(head, torch.Tensor) else [int(b) for b in head]
+
+
+def page_views(
+    region: torch.Tensor, rows: torch.Tensor, blocks: list[int], page_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching (cache pages, token rows) views, one per run of consecutive block ids.
+
+    `region`: `[layers, blocks, page, heads, dim]` (a view of a paged cache);
+    `rows`: `[layers, T, heads, dim]` token-major. A run of consecutive blocks is one
+    strided copy, so a contiguous block table costs one copy and a shuffled one a copy
+    per page; indexed copies (index_put/index_select) are several times slower on CPU.
+    """
+    num_tokens = rows.shape[1]
+    start = 0
+    while start < len(blocks):
+        stop = start + 1
+        while stop < len(blocks) and blocks[stop] == blocks[stop - 1] + 1:
+            stop += 1
+        first_token = start * page_size
+        full = min(stop - start, (num_tokens - first_token) // page_size)
+        if full:
+            tokens = rows[:, first_token : first_token + full * page_size].unflatten(1, (full, page_size))
+            yield region[:, blocks[start] : blocks[start] + full], tokens
+        tail = min(num_tokens - first_token - full * page_size, page_size)
+        if full < stop - start and tail > 0:  # the request's last, partly filled page
+            tail_start = first_token + full * page_size
+            yield region[:, blocks[start] + full, :tail], rows[:, tail_start : tail_start + tail]
+        start = stop
+
+
+def _as_nhd(cache: torch.Tensor, spec: KvSpec) -> torch.Tensor:
+    # cache in the spec's layout -> a view [layers, blocks, page, heads, dim]
+    return cache if spec.memory_layout == "NHD" else cache.transpose(2, 3)
+
+
+def piece_view(buffer: torch.Tensor, piece: Piece, num_tokens: int) -> torch.Tensor:
+    """The `[layers, 2, T, heads, dim]` view of one piece inside a typed pair buffer."""
+    seg = piece.segment
+    start = piece.offset(num_tokens)
+    flat = buffer[start : start + piece.elems_per_token * num_tokens]
+    return flat.view(seg.num_layers, 2, num_tokens, seg.num_heads, -1)
+
+
+def typed_buffer(buffer: torch.Tensor, pair: PairPlan, plan: TransferPlan, num_tokens: int) -> torch.Tensor:
+    """A received pair buffer (raw uint8 or already typed) as a 1-D tensor of the wire dtype."""
+    wire_dtype = plan.src_spec.dtype
+    flat = buffer.reshape(-1)
+    if flat.dtype not in (wire_dtype, torch.uint8):
+        raise ValueError(f"pair buffer dtype {flat.dtype}: expected uint8 or {wire_dtype}")
+    nbytes, expected = flat.numel() * flat.element_size(), plan.pair_nbytes(pair, num_tokens)
+    if nbytes != expected:
+        raise ValueError(
+            f"pair buffer {pair.src_rank}->{pair.dst_rank} holds {nbytes} bytes; {num_tokens} tokens need {expected}"
+        )
+    return flat.view(wire_dtype)
+
+
+def _check_buffers(buffers: Sequence[torch.Tensor], plan: TransferPlan) -> None:
+    if len(buffers) != len(plan.pairs):
+        raise ValueError(f"{len(buffers)} pair buffers for a plan of {len(plan.pairs)} pairs")
+
+
+def gather_pair_buffers(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
+    block_table: BlockTable,
+    num_tokens: int,
+    plan: TransferPlan,
+    out: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Prefill side: one contiguous 1-D buffer (source dtype) per pair of `plan`.
+
+    `out` (optional, e.g. from a staging pool) supplies the buffers; otherwise new ones are allocated.
+    """
+    spec = plan.src_spec
+    check_cache(src_key, src_value, spec, "source cache")
+    blocks = block_list(block_table, num_tokens, spec.page_size)
+    caches = (_as_nhd(src_key, spec), _as_nhd(src_value, spec))
+    if out is not None:
+        _check_buffers(out, plan)
+    buffers = []
+    for index, pair in enumerate(plan.pairs):
+        if out is None:
+            buffer = torch.empty(pair.numel(num_tokens), dtype=spec.dtype, device=src_key.device)
+        else:
+            buffer = typed_buffer(out[index], pair, plan, num_tokens)
+        for piece in pair.pieces:
+            seg, piece_rows = piece.segment, piece_view(buffer, piece, num_tokens)
+            for kv, cache in enumerate(caches):
+                region = cache[seg.layer_start : seg.layer_stop, :, :, seg.head_start : seg.head_stop]
+                for pages, rows in page_views(region, piece_rows[:, kv], blocks, spec.page_size):
+                    rows.copy_(pages)
+        buffers.append(buffer)
+    return buffers
+
+
+def slice_pair_buffers(kv: torch.Tensor, plan: TransferPlan) -> list[torch.Tensor]:
+    """Prefill side from exported KV `[L, 2, T, H, D]`: the same buffers as `gather_pair_buffers`."""
+    spec = plan.src_spec
+    expected = (spec.num_layers, 2, kv.shape[2], spec.num_kv_heads, spec.head_dim)
+    if kv.dim() != 5 or tuple(kv.shape) != expected or kv.dtype != spec.dtype:
+        raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not match the source spec {expected} {spec.dtype}")
+    buffers = []
+    for pair in plan.pairs:
+        parts = [
+            kv[p.segment.layer_start : p.segment.layer_stop, :, :, p.segment.head_start : p.segment.head_stop].reshape(-1)
+            for p in pair.pieces
+        ]
+        buffers.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts))
+    return buffers
+
+
+def scatter_pair_buffers(
+    buffers: Sequence[torch.Tensor],
+    plan: TransferPlan,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
+    dst_block_table: BlockTable,
+    num_tokens: int,
+) -> None:
+    """Decoder side (torch path): writes every pair buffer into the paged cache, casting to its dtype."""
+    spec = plan.dst_spec
+    check_cache(dst_key, dst_value, spec, "destination cache")
+    _check_buffers(buffers, plan)
+    typed = [typed_buffer(b, pair, plan, num_tokens) for b, pair in zip(buffers, plan.pairs)]
+    blocks = block_list(dst_block_table, num_tokens, spec.page_size)
+    caches = (_as_nhd(dst_key, spec), _as_nhd(dst_value, spec))
+    for buffer, pair in zip(typed, plan.pairs):
+        for piece in pair.pieces:
+            seg, src = piece.segment, piece_view(buffer, piece, num_tokens)
+            for kv, cache in enumerate(caches):
+                region = cache[seg.layer_start : seg.layer_stop, :, :, seg.head_start : seg.head_stop]
+                for pages, rows in page_views(region, src[:, kv], blocks, spec.page_size):
+                    pages.copy_(rows)  # casts to the cache dtype
+
+
+def pair_buffers_to_shards(
+    buffers: Sequence[torch.Tensor], plan: TransferPlan, num_tokens: int
+) -> dict[int, torch.Tensor]:
+    """Each destination rank's shard `[its layers, 2, T, its heads, dim]` in the destination dtype."""
+    _check_buffers(buffers, plan)
+    dst, spec = plan.dst_layout, plan.dst_spec
+    shards: dict[int, torch.Tensor] = {}
+    for buffer, pair in zip(buffers, plan.pairs):
+        flat = typed_buffer(buffer, pair, plan, num_tokens)
+        coord = dst.coord(pair.dst_rank)
+        layers = dst.layers_of(coord.pp, spec.num_layers)
+        heads = dst.kv_heads_of(coord.tp, spec.num_kv_heads)
+        shard = shards.get(pair.dst_rank)
+        if shard is None:
+            shape = (len(layers), 2, num_tokens, len(heads), spec.head_dim)
+            shard = shards[pair.dst_rank] = torch.empty(shape, dtype=spec.dtype, device=flat.device)
+        for piece in pair.pieces:
+            seg = piece.segment
+            shard[
+                seg.layer_start - layers.start : seg.layer_stop - layers.start,
+                :,
+                :,
+                seg.head_start - heads.start : seg.head_stop - heads.start,
+            ] = piece_view(flat, piece, num_tokens)
+    return shards
+
+
+# ---------------------------------------------------------------- oracle (token by token)
+
+
+def write_dense(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: KvSpec, block_table: BlockTable) -> None:
+    """Writes KV `[L, 2, T, H, D]` token by token into a paged cache of `spec`, casting to its dtype."""
+    page = spec.page_size
+    for pos in range(kv.shape[2]):
+        block, offset = int(block_table[pos // page]), pos % page
+        for which, cache in ((0, key), (1, value)):
+            rows = kv[:, which, pos].to(spec.dtype)  # [L, H, D]
+            if spec.memory_layout == "NHD":
+                cache[:, block, offset, :, :] = rows
+            else:
+                cache[:, block, :, offset, :] = rows
+
+
+def read_dense(key: torch.Tensor, value: torch.Tensor, spec: KvSpec, block_table: BlockTable, num_tokens: int) -> torch.Tensor:
+    """Token-by-token inverse of `write_dense`: `[L, 2, T, H, D]` in the cache dtype."""
+    page = spec.page_size
+    out = torch.empty((spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim), dtype=key.dtype)
+    for pos in range(num_tokens):
+        block, offset = int(block_table[pos // page]), pos % page
+        for which, cache in ((0, key), (1, value)):
+            if spec.memory_layout == "NHD":
+                out[:, which, pos] = cache[:, block, offset, :, :]
+            else:
+                out[:, which, pos] = cache[:, block, :, offset, :]
+    return out
+
+
+def reference_reshard(
+    kv: torch.Tensor, dst_spec: KvSpec, dst_key: torch.Tensor, dst_value: torch.Tensor, dst_block_table: BlockTable
+) -> None:
+    """The oracle: the decoder's DP group holds every layer and head, so the re-sharded cache
+    is simply the dense KV written token by token into its pages (cast to its dtype)."""
+    check_cache(dst_key, dst_value, dst_spec, "destination cache")
+    write_dense(kv, dst_key, dst_value, dst_spec, dst_block_table)
+
+
+def reference_shards(kv: torch.Tensor, dst_layout: Layout, dst_spec: KvSpec, dst_dp_group: int = 0) -> dict[int, torch.Tensor]:
+    """The oracle per rank: what each rank of the DP group holds, straight from the layout rules."""
+    shards = {}
+    for rank in dst_layout.group_ranks(dst_dp_group):
+        coord = dst_layout.coord(rank)
+        layers = dst_layout.layers_of(coord.pp, dst_spec.num_layers)
+        heads = dst_layout.kv_heads_of(coord.tp, dst_spec.num_kv_heads)
+        shards[rank] = kv[layers.start : layers.stop, :, :, heads.start : heads.stop].to(dst_spec.dtype)
+    return shards

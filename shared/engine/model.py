@@ -1,0 +1,153 @@
+"""Llama-family decoder (SmolLM2) in plain PyTorch, reading and writing a paged KV cache.
+
+RMSNorm -> attention (RoPE in HF's rotate_half convention, grouped-query heads) ->
+residual -> RMSNorm -> SwiGLU MLP -> residual, then a final norm and the LM head
+(tied to the embedding when the checkpoint has no separate one). Parameter names are
+our own; the loader maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.engine.batch import ForwardBatch
+from shared.engine.config import ModelConfig
+from shared.engine.kv_cache import PagedKVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 even for bf16 activations, like the HF reference.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed once in float32."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        # Explicit device: the model may be built under torch.device("meta"), these must be real.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        inv_freq = 1.0 / (theta**exponents)  # [D/2]
+        angles = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)  # [P, D]: rotate_half pairs i with i + D/2
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, D], positions: [T]
+        cos = self.cos[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        return x * cos + _rotate_half(x) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rotary: RotaryEmbedding
+    ) -> torch.Tensor:
+        # x: [T, hidden]
+        num_tokens = x.shape[0]
+        q = rotary(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), batch.positions)  # [T, Hq, D]
+        k = rotary(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim), batch.positions)  # [T, Hkv, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        # New K/V go to their pages first, so each sequence then reads one uniform context from the cache.
+        kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
+        out = torch.cat([self._attend_one(q_seq, i, batch, kv_cache) for i, q_seq in enumerate(q.split(batch.num_new))])
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _attend_one(self, q: torch.Tensor, index: int, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
+        # q: [n, Hq, D] -> [n, Hq, D]
+        key, value = kv_cache.read(self.layer_index, batch.context_slots[index])  # [S, Hkv, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [Hq, n, D]
+            key.to(q.dtype).transpose(0, 1),  # [Hkv, S, D]
+            value.to(q.dtype).transpose(0, 1),
+            attn_mask=batch.attn_masks[index],  # [n, S]
+            enable_gqa=True,  # query head h uses KV head h // (Hq / Hkv), as in HF's repeat_kv
+        )
+        return out.transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_index)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rotary: RotaryEmbedding
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), batch, kv_cache, rotary)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        untied = not config.tie_word_embeddings
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+        """Builds the model around `weights` (adopted, not copied; skips the random init of nn.Linear)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
+        """Runs the batch's new tokens and writes their K/V; float32 logits `[num_seqs, vocab]` of last tokens."""
+        # input_ids: [T]
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(x, batch, kv_cache, self.rotary)
+        x = self.norm(x[batch.last_token_index])  # [num_seqs, hidden]: the head only needs last tokens
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()  # [num_seqs, vocab]
