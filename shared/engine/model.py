@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.engine.attention import paged_attention
 from shared.engine.batch import ForwardBatch
 from shared.engine.config import ModelConfig
 from shared.engine.kv_cache import PagedKVCache
@@ -77,20 +78,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         # New K/V go to their pages first, so each sequence then reads one uniform context from the cache.
         kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
-        out = torch.cat([self._attend_one(q_seq, i, batch, kv_cache) for i, q_seq in enumerate(q.split(batch.num_new))])
+        out = paged_attention(q, self.layer_index, batch, kv_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
-
-    def _attend_one(self, q: torch.Tensor, index: int, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
-        # q: [n, Hq, D] -> [n, Hq, D]
-        key, value = kv_cache.read(self.layer_index, batch.context_slots[index])  # [S, Hkv, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [Hq, n, D]
-            key.to(q.dtype).transpose(0, 1),  # [Hkv, S, D]
-            value.to(q.dtype).transpose(0, 1),
-            attn_mask=batch.attn_masks[index],  # [n, S]
-            enable_gqa=True,  # query head h uses KV head h // (Hq / Hkv), as in HF's repeat_kv
-        )
-        return out.transpose(0, 1)
 
 
 class MLP(nn.Module):
