@@ -27,7 +27,12 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="preset name (smollm2-135m, tiny-llama)")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-dtype", choices=DTYPES, default=None, help="KV cache dtype (default: the weights' dtype)")
     parser.add_argument("--kv-cache-tokens", type=_positive_int, default=32768, help="KV cache budget in tokens")
     parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV page")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
@@ -46,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", default="disagg", help="disagg | colocated | auto")
     up.add_argument("--prefill", type=_positive_int, default=1, help="number of prefill workers")
     up.add_argument("--decode", type=_positive_int, default=1, help="number of decode workers")
+    up.add_argument("--prefill-layout", default="", help="prefill workers' layout, e.g. tp=4,ep=4")
+    up.add_argument("--decode-layout", default="", help="decode workers' layout, e.g. dp=4,ep=16 or dp=2,tp=2")
+    up.add_argument("--decode-block-size", type=_positive_int, default=None, help="decode workers' KV page size (default: --block-size)")
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
 
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_worker_options(worker)
         worker.add_argument("--worker-id", default=None)
         worker.add_argument("--ucx-host", default="127.0.0.1", help="address peers reach this worker's UCX listener on ('auto': this host's IP)")
+        worker.add_argument("--layout", default="", help="this worker's parallel layout, e.g. tp=4,ep=4 (prefill) or dp=2,tp=2 (decode)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
         if role == "worker":

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from services.scheduler.policy import Mode
 from shared import processes, protocol
@@ -31,10 +32,52 @@ class StackError(RuntimeError):
     pass
 
 
-def _worker_roles(mode: Mode, num_prefill: int, num_decode: int) -> list[tuple[str, str]]:
+def _worker_plans(mode: Mode, args: argparse.Namespace) -> list[WorkerPlan]:
+    decode_block_size = args.decode_block_size or args.block_size
     if mode is Mode.COLOCATED:
-        return [(f"both-{i}", "both") for i in range(num_prefill + num_decode)]
-    return [(f"prefill-{i}", "prefill") for i in range(num_prefill)] + [(f"decode-{i}", "decode") for i in range(num_decode)]
+        count = args.prefill + args.decode
+        return [WorkerPlan(f"both-{i}", "both", args.decode_layout, decode_block_size) for i in range(count)]
+    prefills = [WorkerPlan(f"prefill-{i}", "prefill", args.prefill_layout, args.block_size) for i in range(args.prefill)]
+    decodes = [WorkerPlan(f"decode-{i}", "decode", args.decode_layout, decode_block_size) for i in range(args.decode)]
+    return prefills + decodes
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    worker_id: str
+    role: str
+    layout: str
+    block_size: int
+
+
+def _transfer_plan_summary(args: argparse.Namespace, mode: Mode) -> str | None:
+    """Validates both layouts against the model (naming the flag) and describes the hand-off."""
+    from shared.engine.loader import load_model_config
+    from shared.kv_spec import KvSpec
+    from shared.layouts import LayoutError, parse_layout, validate
+    from shared.transfer_plan import plan_transfer
+
+    config = load_model_config(args.model)
+
+    def spec(block_size: int) -> KvSpec:
+        return KvSpec(config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, page_size=block_size)
+
+    layouts = {}
+    for flag, text, kind, block_size in (
+        ("--prefill-layout", args.prefill_layout, "prefill", args.block_size),
+        ("--decode-layout", args.decode_layout, "decode", args.decode_block_size or args.block_size),
+    ):
+        try:
+            layouts[kind] = parse_layout(text, kind)
+            validate(layouts[kind], spec(block_size))
+        except LayoutError as exc:
+            raise StackError(f"{flag}: {exc}") from None
+    if mode is Mode.COLOCATED:
+        return None
+    plan = plan_transfer(
+        layouts["prefill"], layouts["decode"], spec(args.block_size), spec(args.decode_block_size or args.block_size)
+    )
+    return plan.summary()
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -84,13 +127,17 @@ def _raise_if_any_failed(children: list[subprocess.Popen]) -> None:
 def run_stack(args: argparse.Namespace) -> int:
     try:
         mode = Mode.parse(args.mode)
-        _check_port_free(args.host, args.port)
     except ValueError as exc:
         print(f"pdserve up: --mode: {exc}", file=sys.stderr)
         return 2
-    except StackError as exc:
+    try:
+        _check_port_free(args.host, args.port)
+        plan_summary = _transfer_plan_summary(args, mode)
+    except (StackError, ValueError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
+    if plan_summary:
+        print(plan_summary, flush=True)
 
     stop_requested = False
 
@@ -104,16 +151,19 @@ def run_stack(args: argparse.Namespace) -> int:
     nats = None if args.nats else EmbeddedNats().start()
     nats_url = args.nats or nats.url
     subjects = Subjects(args.prefix)
-    roles = _worker_roles(mode, args.prefill, args.decode)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
+    workers = _worker_plans(mode, args)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
     common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
     commands = [base + ["scheduler", *common, "--mode", mode.value]]
-    for worker_id, role in roles:
+    for worker in workers:
         commands.append(
             base
-            + ["worker", *common, "--role", role, "--worker-id", worker_id, "--model", args.model]
-            + ["--threads", str(threads), "--kv-cache-tokens", str(args.kv_cache_tokens), "--block-size", str(args.block_size)]
+            + ["worker", *common, "--role", worker.role, "--worker-id", worker.worker_id, "--model", args.model]
+            + ["--layout", worker.layout, "--block-size", str(worker.block_size)]
+            + ["--threads", str(threads), "--kv-cache-tokens", str(args.kv_cache_tokens)]
+            + (["--dtype", args.dtype] if args.dtype else [])
+            + (["--kv-dtype", args.kv_dtype] if args.kv_dtype else [])
             + ["--metrics-port", str(processes.free_port()), "--max-waiting", str(args.max_waiting)]
         )
     commands.append(
@@ -127,7 +177,7 @@ def run_stack(args: argparse.Namespace) -> int:
     state_file = None
     try:
         children = [processes.spawn(command) for command in commands]
-        asyncio.run(_wait_for_workers(nats_url, subjects, {wid for wid, _ in roles}, children, READY_TIMEOUT_S, lambda: stop_requested))
+        asyncio.run(_wait_for_workers(nats_url, subjects, {w.worker_id for w in workers}, children, READY_TIMEOUT_S, lambda: stop_requested))
         processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
         gateway_url = f"http://{args.host}:{args.port}/v1"
         state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)

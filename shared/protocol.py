@@ -81,6 +81,8 @@ class Placement(_Msg, tag=1):
     path: Path
     prefill_worker: str
     decode_worker: str  # equals prefill_worker on the colocated path
+    decode_layout: str = ""  # the decoder's layout ("dp=2,tp=2,pp=1,ep=1"): the push targets it
+    decode_dp_group: int = 0  # the decoder's DP group that will hold the request
 
 
 class PrefillJob(_Msg):
@@ -90,6 +92,8 @@ class PrefillJob(_Msg):
     path: Path
     decode_worker: str
     stream_subject: str
+    decode_layout: str = ""
+    decode_dp_group: int = 0
 
 
 class KvSegment(_Msg):
@@ -101,13 +105,53 @@ class KvSegment(_Msg):
     nbytes: int
 
 
-class KvDescriptor(_Msg):
-    """What the decoder must know to receive and place a session's KV."""
+# -- KV hand-off sessions (shared/session.py): the offer travels inside a DecodeJob.
 
+
+class WireKvSpec(_Msg):
     model_fingerprint: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
     dtype: str
-    shape: list[int]  # [layers, 2, tokens, kv_heads, head_dim]
+    page_size: int
+    memory_layout: str
+    num_experts: int = 0
+
+
+class WireLayout(_Msg):
+    kind: str  # "prefill" | "decode"
+    dp: int
+    tp: int
+    pp: int
+    ep: int
+
+
+class SessionOffer(_Msg):
+    """Prefill -> decoder: what is coming, so the decoder can validate and post receives."""
+
+    session_id: str
+    spec: WireKvSpec
+    src_layout: WireLayout
+    dst_layout: WireLayout
+    dst_dp_group: int
+    num_tokens: int
     segments: list[KvSegment]
+
+
+class SessionAccepted(_Msg, tag=1):
+    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
+    host: str
+    port: int
+
+
+class SessionRefused(_Msg, tag=2):
+    field: str
+    message: str
+
+
+OfferReply = SessionAccepted | SessionRefused
 
 
 class DecodeJob(_Msg):
@@ -115,20 +159,12 @@ class DecodeJob(_Msg):
     num_prompt_tokens: int
     first_token: int
     sampling: Sampling
-    kv: KvDescriptor
     stream_subject: str
+    offer: SessionOffer
 
 
 class JobAccepted(_Msg, tag=2):
     worker_id: str
-
-
-class KvReady(_Msg, tag=3):
-    """The decoder accepted a hand-off and posted its receives: send the bytes here."""
-
-    worker_id: str
-    ucx_host: str
-    ucx_port: int
 
 
 class CancelRequest(_Msg):
@@ -171,11 +207,12 @@ class Heartbeat(_Msg):
     prefill_tokens_per_s: float = 0.0
     handoff_bytes_per_s: float = 0.0
     metrics_port: int = 0
+    layout: str = ""  # this worker's parallel layout, e.g. "tp=4,pp=1,ep=4"
 
 
 PlaceReply = Placement | ServiceError
 JobReply = JobAccepted | ServiceError
-HandoffReply = KvReady | ServiceError
+HandoffReply = SessionAccepted | SessionRefused | ServiceError
 
 _encoder = msgspec.msgpack.Encoder()
 

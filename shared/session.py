@@ -54,7 +54,16 @@ from shared.kv_spec import (
     first_mismatch,
 )
 from shared.layouts import DecoderLayout, Layout, LayoutError, PrefillLayout, validate
-from shared.protocol import KvSegment, TransferStats
+from shared.protocol import (
+    KvSegment,
+    OfferReply,
+    SessionAccepted,
+    SessionOffer,
+    SessionRefused,
+    TransferStats,
+    WireKvSpec,
+    WireLayout,
+)
 from shared.transfer_plan import TransferPlan, plan_transfer
 from shared.transport.ucx_kv import KvReceiver, KvSender, segment_tag
 
@@ -80,56 +89,6 @@ class KvTransferError(RuntimeError):
 
 
 # ---------------------------------------------------------------- wire messages (NATS)
-
-
-class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    pass
-
-
-class WireKvSpec(_Msg):
-    model_fingerprint: str
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    page_size: int
-    memory_layout: str
-    num_experts: int = 0
-
-
-class WireLayout(_Msg):
-    kind: str  # "prefill" | "decode"
-    dp: int
-    tp: int
-    pp: int
-    ep: int
-
-
-class SessionOffer(_Msg):
-    """Prefill -> decoder: what is coming, so the decoder can validate and post receives."""
-
-    session_id: str
-    spec: WireKvSpec
-    src_layout: WireLayout
-    dst_layout: WireLayout
-    dst_dp_group: int
-    num_tokens: int
-    segments: list[KvSegment]
-
-
-class SessionAccepted(_Msg, tag=1):
-    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
-    host: str
-    port: int
-
-
-class SessionRefused(_Msg, tag=2):
-    field: str
-    message: str
-
-
-OfferReply = SessionAccepted | SessionRefused
 
 
 def spec_to_wire(spec: KvSpec) -> WireKvSpec:

@@ -80,7 +80,10 @@ class Dispatcher:
             inbox.put_nowait(_token_event.decode(msg.data))
 
         subscription = await self.nc.subscribe(stream_subject, cb=on_event)
-        job = PrefillJob(request_id, prompt_ids, sampling, placement.path, placement.decode_worker, stream_subject)
+        job = PrefillJob(
+            request_id, prompt_ids, sampling, placement.path, placement.decode_worker, stream_subject,
+            placement.decode_layout, placement.decode_dp_group,
+        )
         try:
             raw = await self._request(self.subjects.worker_prefill(placement.prefill_worker), protocol.encode(job), "prefill worker")
             reply = _job_reply.decode(raw.data)

@@ -16,38 +16,30 @@ import msgspec
 import structlog
 import torch
 
-from services.worker.context import WorkerContext, dtype_name, engine_sampling, finish_reason, wait_for_kv_room
+from services.worker.context import WorkerContext, engine_sampling, finish_reason, wait_for_kv_room
+from services.worker.handoff import PendingDecode, outgoing_layout
 from shared import protocol
 from shared.engine.engine import KvCapacityError, TokenOutput
+from shared.layouts import parse_layout
 from shared.protocol import (
-    DecodeJob,
     ErrorCode,
     FinishReason,
-    HandoffReply,
     JobAccepted,
-    KvDescriptor,
-    KvReady,
-    KvSegment,
     Path,
     PrefillJob,
     Role,
     ServiceError,
     TokenEvent,
 )
-from shared.transport.ucx_kv import KvSender, segment_tag
 
 log = structlog.get_logger()
 
 _job_decoder = protocol.decoder(PrefillJob)
-_handoff_decoder = protocol.decoder(HandoffReply)
-
-HANDOFF_REQUEST_TIMEOUT_S = 5.0
 
 
 class PrefillHandler:
-    def __init__(self, ctx: WorkerContext, sender: KvSender):
+    def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
-        self.sender = sender
         self._tasks: set[asyncio.Task] = set()
 
     async def on_job(self, msg) -> None:
@@ -124,26 +116,22 @@ class PrefillHandler:
         await self.ctx.nc.publish(job.stream_subject, protocol.encode(event))
 
     async def _hand_off(self, job: PrefillJob, first: TokenOutput, kv: torch.Tensor) -> None:
-        """Announce the KV over NATS, then push it over UCX once the decoder is ready."""
+        """Push the KV through a session: the decoder validates the offer, then bytes move over UCX."""
         ctx = self.ctx
-        # kv: [layers, 2, tokens, kv_heads, head_dim]; one virtual rank on each side for now.
-        segments = [KvSegment(0, 0, segment_tag(job.request_id, 0, 0), kv.numel() * kv.element_size())]
-        descriptor = KvDescriptor(ctx.model.config.fingerprint(), dtype_name(kv.dtype), list(kv.shape), segments)
-        decode_job = DecodeJob(job.request_id, len(job.prompt_ids), first.token_id, job.sampling, descriptor, job.stream_subject)
+        ctx.announcer.pending[job.request_id] = PendingDecode(
+            job.decode_worker, len(job.prompt_ids), first.token_id, job.sampling, job.stream_subject
+        )
         try:
-            reply = await ctx.nc.request(
-                ctx.subjects.worker_decode(job.decode_worker), protocol.encode(decode_job), timeout=HANDOFF_REQUEST_TIMEOUT_S
-            )
-            ready = _handoff_decoder.decode(reply.data)
-            if isinstance(ready, ServiceError):
-                raise RuntimeError(ready.message)
-            assert isinstance(ready, KvReady)
-            stats = await self.sender.send(ready.ucx_host, ready.ucx_port, segments, [kv])
-        except Exception as exc:
+            session = ctx.sessions.create_session(job.request_id, layout=outgoing_layout(ctx.role, ctx.layout))
+            target = parse_layout(job.decode_layout, "decode")
+            stats = await session.push(kv, target_layout=target, decoder=job.decode_worker, dst_dp_group=job.decode_dp_group)
+        except Exception as exc:  # refused (names the field), unreachable, or failed mid-way
             log.warning("handoff_failed", decode_worker=job.decode_worker, error=str(exc))
             await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV hand-off failed: {exc}")
             return
+        finally:
+            ctx.announcer.pending.pop(job.request_id, None)
         ctx.rates.observe_handoff(stats.nbytes, stats.seconds)
         ctx.metrics.labels(ctx.metrics.kv_transfer_bytes, direction="sent").inc(stats.nbytes)
         ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="sent").observe(stats.seconds)
-        log.info("kv_pushed", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), decode_worker=job.decode_worker)
+        log.info("kv_pushed", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), messages=stats.num_messages, decode_worker=job.decode_worker)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from services.scheduler.registry import WorkerLoad
+from shared.layouts import parse_layout
 from shared.protocol import ErrorCode, Path, PlaceRequest, Placement, Role, ServiceError
 
 
@@ -94,6 +95,20 @@ def _least_loaded_decode(workers: Sequence[WorkerLoad]) -> WorkerLoad:
     return min(workers, key=lambda w: (w.running, -w.beat.free_kv_blocks, w.worker_id))
 
 
+def _decode_dp_group(decode: WorkerLoad) -> int:
+    """Which attention-DP group of the decoder takes the request: rotate with its load count
+    (a request lives in one group; a layout without dp has just group 0)."""
+    layout = parse_layout(decode.beat.layout, "decode") if decode.beat.layout else None
+    dp = layout.dp if layout is not None else 1
+    return decode.running % dp
+
+
+def _placement(request: PlaceRequest, path: Path, prefill: WorkerLoad, decode: WorkerLoad) -> Placement:
+    return Placement(
+        request.request_id, path, prefill.worker_id, decode.worker_id, decode.beat.layout, _decode_dp_group(decode)
+    )
+
+
 def _unavailable(message: str) -> ServiceError:
     return ServiceError(code=ErrorCode.UNAVAILABLE, message=message)
 
@@ -131,7 +146,7 @@ def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) 
         if not both:
             return _unavailable_or_busy(serving, Role.BOTH, "no live colocated (role=both) worker")
         chosen = _least_loaded_decode(both)
-        return Placement(request.request_id, Path.COLOCATED, chosen.worker_id, chosen.worker_id)
+        return _placement(request, Path.COLOCATED, chosen, chosen)
     prefills = [w for w in open_workers if w.beat.role in (Role.PREFILL, Role.BOTH)]
     decodes = [w for w in open_workers if w.beat.role in (Role.DECODE, Role.BOTH)]
     if not decodes:
@@ -139,17 +154,17 @@ def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) 
     decode = _least_loaded_decode(decodes)
     if policy.mode is Mode.AUTO:
         if not prefills or request.num_prompt_tokens < policy.remote_min_prompt_tokens:
-            return Placement(request.request_id, Path.COLOCATED, decode.worker_id, decode.worker_id)
+            return _placement(request, Path.COLOCATED, decode, decode)
         prefill = _least_loaded_prefill(prefills)
         estimate = estimate_ttft(request, prefill, decode, policy)
         if estimate.local_s <= estimate.remote_s:
-            return Placement(request.request_id, Path.COLOCATED, decode.worker_id, decode.worker_id)
-        return Placement(request.request_id, Path.DISAGG, prefill.worker_id, decode.worker_id)
+            return _placement(request, Path.COLOCATED, decode, decode)
+        return _placement(request, Path.DISAGG, prefill, decode)
     if not prefills:
         return _unavailable_or_busy(serving, Role.PREFILL, "disaggregated mode needs a live prefill worker")
     prefill = _least_loaded_prefill(prefills)
     path = Path.COLOCATED if prefill.worker_id == decode.worker_id else Path.DISAGG
-    return Placement(request.request_id, path, prefill.worker_id, decode.worker_id)
+    return _placement(request, path, prefill, decode)
 
 
 def _unavailable_or_busy(serving: Sequence[WorkerLoad], role: Role, message: str) -> ServiceError:

@@ -10,11 +10,14 @@ from nats.aio.client import Client as NatsClient
 
 from services.worker.cancellations import Cancellations
 from services.worker.engine_loop import EngineLoop
+from services.worker.handoff import NatsAnnouncer
 from services.worker.metrics import WorkerMetrics
 from services.worker.rates import MeasuredRates
 from services.worker.streams import TokenStreams
 from shared.engine.loader import LoadedModel
 from shared.engine.sampling import SamplingParams
+from shared.session import KvSessionEngine
+from shared.layouts import Layout
 from shared.protocol import ErrorCode, FinishReason, Role, Sampling, ServiceError
 from shared.subjects import Subjects
 
@@ -30,6 +33,9 @@ class WorkerContext:
     streams: TokenStreams
     kv_dtype: torch.dtype
     metrics: WorkerMetrics
+    layout: Layout
+    sessions: KvSessionEngine
+    announcer: NatsAnnouncer
     max_waiting: int = 64
     cancelled: Cancellations = field(default_factory=Cancellations)
     queued_prefill_tokens: int = 0
@@ -60,17 +66,6 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
 
 def finish_reason(label: str | None) -> FinishReason | None:
     return None if label is None else FinishReason[label.upper()]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
 
 
 KV_ROOM_POLL_S = 0.02

@@ -19,12 +19,14 @@ from services.prefill.handler import PrefillHandler
 from services.scheduler.registry import HEARTBEAT_INTERVAL_S
 from services.worker.context import WorkerContext, finish_reason
 from services.worker.engine_loop import EngineLoop
+from services.worker.handoff import kv_spec_of, parse_worker_layout, session_engine
 from services.worker.metrics import WorkerMetrics
 from services.worker.streams import TokenStreams
 from shared import protocol
 from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
+from shared.layouts import Layout
 from shared.protocol import CancelRequest, Heartbeat, Role
 from shared.subjects import Subjects
 from shared.transport.ucx_kv import KvReceiver, KvSender
@@ -44,6 +46,7 @@ class WorkerService:
         role: Role,
         model: LoadedModel,
         engine: Engine,
+        layout: Layout | None = None,
         ucx_host: str = "127.0.0.1",
         max_waiting: int = 64,
         metrics_port: int = 0,
@@ -51,6 +54,10 @@ class WorkerService:
     ):
         self.ucx_host = ucx_host
         self.metrics_port = metrics_port
+        self.receiver = KvReceiver(ucx_host)
+        self.sender = KvSender()
+        layout = layout if layout is not None else parse_worker_layout(role, "")
+        sessions, announcer = session_engine(nc, subjects, kv_spec_of(model, engine), layout, self.sender, self.receiver)
         self.ctx = WorkerContext(
             nc=nc,
             subjects=subjects,
@@ -62,9 +69,10 @@ class WorkerService:
             kv_dtype=engine.kv_dtype,
             metrics=WorkerMetrics(worker_id, role.label),
             max_waiting=max_waiting,
+            layout=layout,
+            sessions=sessions,
+            announcer=announcer,
         )
-        self.receiver = KvReceiver(ucx_host)
-        self.sender = KvSender()
         self._on_drained = on_drained
         self._subscriptions = []
         self._tasks: list[asyncio.Task] = []
@@ -82,10 +90,10 @@ class WorkerService:
         subjects = ctx.subjects
         # Every role takes prefill jobs: a decode worker prefills for itself when the
         # scheduler decides a hand-off does not pay (auto mode).
-        prefill = PrefillHandler(ctx, self.sender)
+        prefill = PrefillHandler(ctx)
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=prefill.on_job))
         if ctx.role in (Role.DECODE, Role.BOTH):
-            decode = DecodeHandler(ctx, self.receiver, self.ucx_host)
+            decode = DecodeHandler(ctx)
             self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=decode.on_job))
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_cancel(ctx.worker_id), cb=self._on_cancel))
         if ctx.role in (Role.PREFILL, Role.BOTH):
@@ -128,6 +136,7 @@ class WorkerService:
         held = request_id in self.ctx.streams or self.engine.holds(request_id)
         self.ctx.streams.close(request_id)
         self.ctx.cancelled.add(request_id)
+        self.ctx.sessions.cancel(request_id)  # drops staged receives of a hand-off in flight
         await self.ctx.engine_loop.call(self.engine.abort, request_id)
         log.info("cancelled", request_id=request_id, held=held)
         return held
@@ -221,6 +230,7 @@ class WorkerService:
             prefill_tokens_per_s=ctx.rates.prefill_tokens_per_s,
             handoff_bytes_per_s=ctx.rates.handoff_bytes_per_s,
             metrics_port=self.metrics_port,
+            layout=ctx.layout.describe(),
         )
 
     async def _beat(self) -> None:
