@@ -16,6 +16,7 @@ from aiohttp import web
 from services.gateway.completion import Completion
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.stop_strings import StopStrings
 from services.gateway.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -139,6 +140,7 @@ class Gateway:
     async def _generate(self, request: web.Request, body, prompt_ids: list[int], chat: bool) -> web.StreamResponse:
         arrived = time.monotonic()
         sampling = self._sampling(body, len(prompt_ids))
+        stop_strings = StopStrings(body.stop_strings())
         if len(self.in_flight) >= self.limits.max_concurrent_requests:
             self.metrics.rejected.labels(status="429").inc()
             raise RequestError(429, f"the gateway is at its limit of {self.limits.max_concurrent_requests} concurrent requests")
@@ -146,11 +148,11 @@ class Gateway:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.in_flight.add(request_id)
         try:
-            return await self._serve(request, body, prompt_ids, chat, sampling, request_id, arrived)
+            return await self._serve(request, body, prompt_ids, chat, sampling, stop_strings, request_id, arrived)
         finally:
             self.in_flight.discard(request_id)
 
-    async def _serve(self, request, body, prompt_ids, chat, sampling, request_id, arrived) -> web.StreamResponse:
+    async def _serve(self, request, body, prompt_ids, chat, sampling, stop_strings, request_id, arrived) -> web.StreamResponse:
         try:
             dispatched = await self.dispatcher.dispatch(request_id, self.model_name, prompt_ids, sampling)
         except RequestError as error:
@@ -167,6 +169,7 @@ class Gateway:
             tokenizer=self.tokenizer,
             hidden_token_ids=frozenset(self.tokenizer.eos_token_ids) | frozenset(sampling.stop_token_ids),
             return_token_ids=body.return_token_ids,
+            stop_strings=stop_strings,
         )
         headers = {PATH_HEADER: dispatched.placement.path.label}
         events = timing.track(dispatched.events)
@@ -175,6 +178,8 @@ class Gateway:
                 return await self._stream(request, completion, events, body.include_usage, headers)
             async for event in events:
                 completion.absorb(event)
+                if completion.stopped_by_string:
+                    break  # closing the stream below cancels the request on its workers
             if completion.finish_reason is FinishReason.ERROR:
                 raise RequestError(500, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
@@ -213,8 +218,9 @@ class Gateway:
                 if delta or first or completion.return_token_ids:
                     await send(completion.chunk(delta, event.token_ids, first=first))
                     first = False
-                if event.finish_reason is not None:
+                if completion.finish_reason is not None:
                     await send(completion.chunk("", [], finish=True))
+                    break
         except RequestError as error:
             await send(error.body())
         if include_usage and completion.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):

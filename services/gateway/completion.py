@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from services.gateway.stop_strings import StopStrings
 from shared.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
 from shared.protocol import FinishReason, Placement, TokenEvent, TransferStats
 
@@ -23,26 +24,33 @@ class Completion:
     tokenizer: ChatTokenizer
     hidden_token_ids: frozenset[int]
     return_token_ids: bool = False
+    stop_strings: StopStrings = field(default_factory=StopStrings)
     created: int = field(default_factory=lambda: int(time.time()))
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
     kv_transfer: TransferStats | None = None
+    stopped_by_string: bool = False  # the gateway ended it: workers must be told to stop
 
     def __post_init__(self) -> None:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self._decoded = ""  # everything detokenized; `text` is the part shown so far
 
     def absorb(self, event: TokenEvent) -> str:
         """Adds an event; returns the new visible text."""
         self.token_ids.extend(event.token_ids)
-        delta = ""
         for token_id in event.token_ids:
             if event.finish_reason is FinishReason.STOP and token_id in self.hidden_token_ids:
                 continue  # the EOS / stop token ends the text, it is not part of it
-            delta += self._detokenizer.add(token_id)
+            self._decoded += self._detokenizer.add(token_id)
+        end, stopped = self.stop_strings.scan(self._decoded, len(self.text), final=event.finish_reason is not None)
+        delta = self._decoded[len(self.text) : end]
         self.text += delta
-        if event.finish_reason is not None:
+        if stopped:
+            self.finish_reason = FinishReason.STOP
+            self.stopped_by_string = True
+        elif event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
             self.kv_transfer = event.kv_transfer

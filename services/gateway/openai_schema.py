@@ -36,7 +36,14 @@ class _Common(msgspec.Struct, kw_only=True):
     n: int = 1
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    stop: str | list[str] | None = None
     return_token_ids: bool = False  # extension (as in vLLM): generated ids in each choice
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise RequestError(400, "stop takes up to 4 non-empty strings", param="stop")
+        return tuple(stops)
 
     @property
     def include_usage(self) -> bool:
