@@ -167,3 +167,17 @@ def test_cli_rejects_bad_flag_by_name():
     assert "--port" in result.stderr
 
 
+
+
+async def test_stop_string_ends_the_request_early(stack):
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    _, free_run, _ = await post(f"{stack.base_url}/completions", body)
+    text = free_run["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    status, stopped, _ = await post(f"{stack.base_url}/completions", body | {"stop": [stop], "stream": True})
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in sse_events(stopped)[:-1] if json.loads(e)["choices"])
+    reasons = [json.loads(e)["choices"][0]["finish_reason"] for e in sse_events(stopped)[:-1] if json.loads(e)["choices"]]
+    assert status == 200
+    assert streamed == text[: text.index(stop)]
+    assert reasons[-1] == "stop"
