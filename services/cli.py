@@ -24,7 +24,7 @@ def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> Non
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="preset name (smollm2-135m, tiny-llama)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="preset (smollm2-135m, tiny-llama, tiny-qwen3, tiny-moe), an HF folder, or a .gguf file")
 
 
 DTYPES = ("float32", "bfloat16")

@@ -60,7 +60,10 @@ def _transfer_plan_summary(args: argparse.Namespace, mode: Mode) -> str | None:
     config = load_model_config(args.model)
 
     def spec(block_size: int) -> KvSpec:
-        return KvSpec(config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, page_size=block_size)
+        return KvSpec(
+            config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim,
+            page_size=block_size, num_experts=config.num_experts,
+        )
 
     layouts = {}
     for flag, text, kind, block_size in (

@@ -36,6 +36,7 @@ def kv_spec_of(model: LoadedModel, engine: Engine) -> KvSpec:
         dtype=engine.kv_dtype,
         page_size=engine.block_size,
         memory_layout="NHD",
+        num_experts=config.num_experts,
     )
 
 

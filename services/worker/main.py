@@ -11,6 +11,7 @@ import torch
 
 from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
+from shared.engine.dtypes import default_dtype, parse_dtype
 from shared.engine.engine import Engine
 from shared.engine.loader import load_model
 from shared.log import configure_logging
@@ -26,12 +27,6 @@ def resolve_ucx_host(value: str) -> str:
     return socket.gethostbyname(socket.gethostname()) if value == "auto" else value
 
 
-def default_dtype() -> torch.dtype:
-    """float32 on CPU (no bf16 units here, and greedy outputs stay comparable with a float32
-    oracle); bfloat16 on CUDA."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
 async def run(args: argparse.Namespace) -> int:
     role = Role[args.role.upper()]
     worker_id = args.worker_id or f"{role.label}-{uuid.uuid4().hex[:8]}"
@@ -43,9 +38,10 @@ async def run(args: argparse.Namespace) -> int:
         layout = parse_worker_layout(role, args.layout)
     except ValueError as exc:
         raise SystemExit(f"pdserve {args.command}: --layout: {exc}") from None
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype()
-    loaded = load_model(args.model, dtype=dtype)
-    kv_dtype = getattr(torch, args.kv_dtype) if args.kv_dtype else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = parse_dtype(args.dtype, device) if args.dtype else default_dtype(device)
+    loaded = load_model(args.model, dtype=dtype, ep=layout.ep)
+    kv_dtype = parse_dtype(args.kv_dtype, device) if args.kv_dtype else None
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype)
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
     service = WorkerService(

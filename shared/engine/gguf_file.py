@@ -2,6 +2,7 @@
 
 Opening a file parses its metadata only (about 0.7 s for SmolLM2, dominated by the
 tokenizer arrays); tensors stay memory-mapped until `tensor()` dequantizes one.
+Architectures: `llama`, `qwen3` and `qwen3moe` (GGUF_ARCHITECTURES).
 """
 
 from __future__ import annotations
@@ -12,12 +13,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from shared.engine.config import ModelConfig
+from shared.engine.model import CausalLM
 
 _MISSING = object()
+
+# general.architecture -> our architecture name
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+
+# Our parameter name inside a layer -> llama.cpp's tensor name inside `blk.{i}.`.
+_LAYER_NAMES = {
+    "input_norm.weight": "attn_norm.weight",
+    "attn.q_proj": "attn_q",
+    "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v",
+    "attn.o_proj": "attn_output",
+    "attn.q_norm.weight": "attn_q_norm.weight",
+    "attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attn_norm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.router.weight": "ffn_gate_inp.weight",
+    # expert stacks [E, out, in]: gguf's dims reversed are exactly that
+    "mlp.gate_proj": "ffn_gate_exps.weight",
+    "mlp.up_proj": "ffn_up_exps.weight",
+    "mlp.down_proj": "ffn_down_exps.weight",
+}
+# llama.cpp's converter permutes the rows of llama's Q and K (weights and biases) for its RoPE.
+_PERMUTED = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.q_proj.bias", "attn.k_proj.bias")
+_TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
 class _PlainViewReader(GGUFReader):
@@ -73,21 +102,28 @@ class GgufFile:
             return hashlib.file_digest(f, "sha256").hexdigest()
 
     def model_config(self) -> ModelConfig:
-        """The Llama-family config the metadata describes."""
+        """The config the metadata describes (architectures: see GGUF_ARCHITECTURES)."""
         arch = self.architecture
-        if arch != "llama":
-            raise ValueError(f"{self.path.name}: architecture {arch!r} is not supported (only 'llama')")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(
+                f"{self.path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+            )
 
         def meta(key: str, default: Any = _MISSING) -> Any:
             return self.field(f"{arch}.{key}", default)
 
+        scaling = meta("rope.scaling.type", "none")
+        if scaling not in ("none", "linear") or (scaling == "linear" and meta("rope.scaling.factor", 1.0) != 1.0):
+            raise ValueError(f"{self.path.name}: RoPE scaling {scaling!r} is not implemented (only plain RoPE)")
         hidden = meta("embedding_length")
         num_heads = meta("attention.head_count")
         tokens = self._reader.fields["tokenizer.ggml.tokens"]
+        eos = self.field("tokenizer.ggml.eos_token_id")
         return ModelConfig(
+            architecture=GGUF_ARCHITECTURES[arch],
             vocab_size=meta("vocab_size", len(tokens.data)),
             hidden_size=hidden,
-            intermediate_size=meta("feed_forward_length"),
+            intermediate_size=meta("feed_forward_length", 0) or meta("expert_feed_forward_length", 0),
             num_layers=meta("block_count"),
             num_heads=num_heads,
             num_kv_heads=meta("attention.head_count_kv", num_heads),
@@ -97,10 +133,50 @@ class GgufFile:
             max_position_embeddings=meta("context_length"),
             # llama.cpp writes no output.weight when the head shares the embedding matrix.
             tie_word_embeddings=not self.has_tensor("output.weight"),
-            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=(self.field("tokenizer.ggml.eos_token_id"),),
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            attention_bias=self.has_tensor("blk.0.attn_q.bias"),
             weights_id=f"gguf:{self.path.name}:{self.sha256[:16]}",
+            **self._moe_fields(meta),
         )
+
+    def _moe_fields(self, meta) -> dict[str, Any]:
+        if self.architecture != "qwen3moe":
+            return {}
+        num_layers = meta("block_count")
+        return dict(
+            num_experts=meta("expert_count"),
+            num_experts_per_tok=meta("expert_used_count"),
+            moe_intermediate_size=meta("expert_feed_forward_length"),
+            # llama.cpp's qwen3moe graph always renormalises the top-k weights (transformers assumes so too).
+            norm_topk_prob=bool(meta("expert_weights_norm", True)),
+            mlp_only_layers=tuple(i for i in range(num_layers) if not self.has_tensor(f"blk.{i}.ffn_gate_inp.weight")),
+        )
+
+    def state_dict(self, config: ModelConfig) -> dict[str, torch.Tensor]:
+        """float32 tensors under our parameter names (dequantized; llama's Q/K rows un-permuted)."""
+        with torch.device("meta"):
+            names = list(CausalLM(config).state_dict())
+        weights = {}
+        for ours in names:
+            array = self.tensor(gguf_tensor_name(ours))
+            if config.architecture == "llama" and ours.endswith(_PERMUTED):
+                heads = config.num_heads if ".q_proj" in ours else config.num_kv_heads
+                array = unpermute_rope_rows(array, heads)
+            # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
+            weights[ours] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+        return weights
+
+
+def gguf_tensor_name(ours: str) -> str:
+    """llama.cpp's tensor name for one of our parameters."""
+    if ours in _TOP_NAMES:
+        return _TOP_NAMES[ours]
+    _, index, rest = ours.split(".", 2)
+    if rest in _LAYER_NAMES:
+        return f"blk.{index}.{_LAYER_NAMES[rest]}"
+    module, _, leaf = rest.rpartition(".")  # attention projections: weight or bias
+    return f"blk.{index}.{_LAYER_NAMES[module]}.{leaf}"
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

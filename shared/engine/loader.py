@@ -1,95 +1,100 @@
-"""Turning a preset name into a ready model: config, weights and tokenizer."""
+"""Turning a model name (preset, HF folder or GGUF path) into a ready model: config, weights and tokenizer.
+
+    load_model(name_or_path, dtype=None, ep=1) -> LoadedModel
+    load_model_config(name_or_path) -> ModelConfig       (metadata only: for the gateway)
+    load_tokenizer(name_or_path)                          (in tokenizer.py, also metadata only)
+
+Where the weights come from (`presets.resolve_source`):
+- GGUF file: dequantized once, then read from the converted cache (weight_cache.py);
+- HF folder: safetensors read and renamed (hf_checkpoint.py);
+- random preset: drawn from a fixed seed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from shared.engine.config import ModelConfig
-from shared.engine.gguf_file import GgufFile, unpermute_rope_rows
-from shared.engine.model import LlamaForCausalLM
-from shared.engine.presets import GgufWeights, RandomWeights, get_preset, list_models
-from shared.engine.tokenizer import ChatTokenizer
+from shared.engine.dtypes import parse_dtype
+from shared.engine.gguf_file import GgufFile
+from shared.engine.hf_checkpoint import HfCheckpoint
+from shared.engine.model import CausalLM
+from shared.engine.presets import GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
+from shared.engine.tokenizer import ChatTokenizer, tokenizer_for
+from shared.engine.weight_cache import WeightCache
 
-__all__ = ["LoadedModel", "list_models", "load_model", "load_model_config"]
+__all__ = ["LoadedModel", "list_models", "load_model", "load_model_config", "random_weights"]
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
     config: ModelConfig
-    model: LlamaForCausalLM
+    model: CausalLM
     tokenizer: ChatTokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Loads preset `name` with weights in `dtype`. Raises ValueError for an unknown name."""
-    preset = get_preset(name)
-    gguf = GgufFile(preset.gguf_path())
-    tokenizer = ChatTokenizer.from_gguf(gguf)
-    match preset.weights:
-        case GgufWeights():
+def load_model(
+    name: str | Path,
+    dtype: torch.dtype | str | None = None,
+    *,
+    ep: int = 1,
+    weight_cache: WeightCache | None = None,
+) -> LoadedModel:
+    """Loads a preset, HF folder or .gguf file with weights in `dtype` (None: `default_dtype("cpu")`, float32).
+
+    `ep`: the layout's expert parallelism; the experts of an MoE model are placed on `ep`
+    virtual ranks (1 for dense models). `weight_cache`: where converted GGUF weights live
+    (default: `WeightCache()`, under the user's cache folder). Raises ValueError for anything
+    that is not a supported model, with a message naming what is.
+    """
+    dtype = parse_dtype(dtype)
+    source = resolve_source(name)
+    match source:
+        case GgufSource(path=path):
+            gguf = GgufFile(path)
             config = gguf.model_config()
-            weights = gguf_llama_weights(gguf, config)
-        case RandomWeights(config=config, seed=seed, std=std):
-            weights = random_llama_weights(config, seed, std)
+            tokenizer = ChatTokenizer.from_gguf(gguf)
+            cache = weight_cache if weight_cache is not None else WeightCache()
+            weights = cache.load_or_convert(path, dtype, parameter_shapes(config), lambda: gguf.state_dict(config))
+        case HfFolderSource(path=path):
+            checkpoint = HfCheckpoint(path)
+            config = checkpoint.model_config()
+            tokenizer = tokenizer_for(source, config)
+            weights = checkpoint.state_dict(config, dtype)
+        case RandomSource(config=config, seed=seed, std=std):
+            tokenizer = tokenizer_for(source)
+            weights = {key: tensor.to(dtype) for key, tensor in random_weights(config, seed, std).items()}
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{name}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
-    weights = {key: tensor.to(dtype) for key, tensor in weights.items()}
-    return LoadedModel(name, config, LlamaForCausalLM.from_state_dict(config, weights), tokenizer)
+    return LoadedModel(str(name), config, CausalLM.from_state_dict(config, weights, ep=ep), tokenizer)
 
 
-def load_model_config(name: str) -> ModelConfig:
+def load_model_config(name: str | Path) -> ModelConfig:
     """The config alone (metadata only, no weights): cheap enough for the gateway."""
-    preset = get_preset(name)
-    match preset.weights:
-        case GgufWeights():
-            return GgufFile(preset.gguf_path()).model_config()
-        case RandomWeights(config=config):
+    match resolve_source(name):
+        case GgufSource(path=path):
+            return GgufFile(path).model_config()
+        case HfFolderSource(path=path):
+            return HfCheckpoint(path).model_config()
+        case RandomSource(config=config):
             return config
 
 
-# Our parameter name -> llama.cpp tensor name, per layer.
-_GGUF_LAYER_NAMES = {
-    "input_norm.weight": "attn_norm.weight",
-    "attn.q_proj.weight": "attn_q.weight",
-    "attn.k_proj.weight": "attn_k.weight",
-    "attn.v_proj.weight": "attn_v.weight",
-    "attn.o_proj.weight": "attn_output.weight",
-    "post_attn_norm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def gguf_llama_weights(gguf: GgufFile, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """float32 state dict for LlamaForCausalLM from a llama.cpp GGUF (dequantized, Q/K rows un-permuted)."""
-    weights = {
-        "embed_tokens.weight": gguf.tensor("token_embd.weight"),
-        "norm.weight": gguf.tensor("output_norm.weight"),
-    }
-    if not config.tie_word_embeddings:
-        weights["lm_head.weight"] = gguf.tensor("output.weight")
-    for i in range(config.num_layers):
-        for ours, theirs in _GGUF_LAYER_NAMES.items():
-            weights[f"layers.{i}.{ours}"] = gguf.tensor(f"blk.{i}.{theirs}")
-        q_key, k_key = f"layers.{i}.attn.q_proj.weight", f"layers.{i}.attn.k_proj.weight"
-        weights[q_key] = unpermute_rope_rows(weights[q_key], config.num_heads)
-        weights[k_key] = unpermute_rope_rows(weights[k_key], config.num_kv_heads)
-    # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
-    return {key: torch.from_numpy(np.require(array, requirements=["C", "W"])) for key, array in weights.items()}
-
-
-def random_llama_weights(config: ModelConfig, seed: int, std: float) -> dict[str, torch.Tensor]:
-    """Deterministic N(0, std) weights; norm weights are 1. Same seed, same weights, on any machine."""
+def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Every parameter of `CausalLM(config)` and its shape (no memory allocated)."""
     with torch.device("meta"):
-        shapes = {key: t.shape for key, t in LlamaForCausalLM(config).state_dict().items()}
+        return {key: t.shape for key, t in CausalLM(config).state_dict().items()}
+
+
+def random_weights(config: ModelConfig, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """Deterministic float32 N(0, std) weights; norm weights (q/k norms included) are 1. Same seed, same weights."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
-    for key, shape in sorted(shapes.items()):  # sorted: the draw order must not depend on module order
+    for key, shape in sorted(parameter_shapes(config).items()):  # sorted: the draw order must not depend on module order
         if key.endswith("norm.weight"):
             weights[key] = torch.ones(shape)
         else:

