@@ -39,12 +39,13 @@ def admin(nats_url: str, *argv: str) -> dict:
 
 
 class Deployment:
-    def __init__(self, nats_url: str):
+    def __init__(self, nats_url: str, model: str = MODEL):
         self.nats_url = nats_url
+        self.model = model
         self.port = free_port()
         self.control = [
             processes.spawn(cli("scheduler", "--nats", nats_url, "--mode", "colocated")),
-            processes.spawn(cli("gateway", "--nats", nats_url, "--model", MODEL, "--port", str(self.port))),
+            processes.spawn(cli("gateway", "--nats", nats_url, "--model", model, "--port", str(self.port))),
         ]
         processes.wait_for_port("127.0.0.1", self.port, timeout=60, proc=self.control[1])
 
@@ -52,7 +53,7 @@ class Deployment:
         """(worker_id, role, layout, block_size) each; returns once all are placeable."""
         procs = [
             processes.spawn(
-                cli("worker", "--nats", self.nats_url, "--model", MODEL, "--threads", "1", "--worker-id", wid,
+                cli("worker", "--nats", self.nats_url, "--model", self.model, "--threads", "1", "--worker-id", wid,
                     "--role", role, "--layout", layout, "--block-size", str(block_size))
             )
             for wid, role, layout, block_size in workers
@@ -71,7 +72,7 @@ class Deployment:
             assert proc.wait(timeout=30) == 0  # drained workers exit cleanly
 
     async def greedy(self, prompt: list[int]) -> tuple[list[int], dict]:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body) as response:
                 reply = await response.json()
@@ -94,17 +95,22 @@ def deployment():
             deployment.stop()
 
 
-@pytest.fixture(scope="module")
-def colocated_tokens(deployment):
+def reference_tokens(deployment: Deployment, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens on the colocated path (one role=both worker), then switch to disagg."""
     procs = deployment.start_workers(("both-ref", "both", "", 16))
-    tokens = [asyncio.run(deployment.greedy(p))[0] for p in PROMPTS]
+    tokens = [asyncio.run(deployment.greedy(p))[0] for p in prompts]
     deployment.retire(procs, ["both-ref"])
     admin(deployment.nats_url, "policy", "--mode", "disagg")
     return tokens
 
 
-def expected_pairs(prefill_layout: str, decode_layout: str, prefill_block: int, decode_block: int) -> int:
-    config = load_model_config(MODEL)
+@pytest.fixture(scope="module")
+def colocated_tokens(deployment):
+    return reference_tokens(deployment, PROMPTS)
+
+
+def expected_pairs(prefill_layout: str, decode_layout: str, prefill_block: int, decode_block: int, model: str = MODEL) -> int:
+    config = load_model_config(model)
 
     def spec(block: int) -> KvSpec:
         return KvSpec(config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, page_size=block)
@@ -163,3 +169,46 @@ async def test_mismatched_dtype_is_refused_by_name(deployment, colocated_tokens)
     assert status == 500
     assert "dtype" in reply["error"]["message"]
     assert all(w["kv_blocks_used"] == 0 for w in status_d)  # nothing was written anywhere
+
+
+SIX_HEAD_PROMPTS = [[3 + (i * 11) % 290 for i in range(n)] for n in (9, 41)]
+
+
+@pytest.fixture(scope="module")
+def six_kv_heads(tmp_path_factory):
+    """An HF folder written by transformers: 6 query and 6 KV heads, so tp=3 -> tp=2 is a
+    non-integer head ratio (each decode rank takes 3 heads from two prefill ranks)."""
+    from transformers import LlamaConfig
+
+    from tests.engine.hf_checkpoints import _COMMON, write_checkpoint
+
+    folder = tmp_path_factory.mktemp("six-kv-heads")
+    config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=6, head_dim=16, **_COMMON)
+    write_checkpoint(folder, config)
+    from shared.nats_server import EmbeddedNats
+
+    with EmbeddedNats() as server:
+        deployment = Deployment(server.url, model=str(folder))
+        try:
+            yield deployment, reference_tokens(deployment, SIX_HEAD_PROMPTS)
+        finally:
+            deployment.stop()
+
+
+@pytest.mark.parametrize("prefill_layout, decode_layout", [("tp=3", "tp=2"), ("tp=2", "dp=2,tp=3")])
+async def test_non_integer_head_ratio(six_kv_heads, prefill_layout, decode_layout):
+    deployment, expected = six_kv_heads
+    ids = [f"p6-{prefill_layout}-{decode_layout}".replace(",", ""), f"d6-{prefill_layout}-{decode_layout}".replace(",", "")]
+    procs = await asyncio.to_thread(
+        deployment.start_workers, (ids[0], "prefill", prefill_layout, 16), (ids[1], "decode", decode_layout, 16)
+    )
+    try:
+        results = [await deployment.greedy(p) for p in SIX_HEAD_PROMPTS]
+    finally:
+        await asyncio.to_thread(deployment.retire, procs, ids)
+    pairs = expected_pairs(prefill_layout, decode_layout, 16, 16, model=deployment.model)
+    assert pairs > 2  # several source ranks feed each destination rank
+    for (tokens, usage), reference in zip(results, expected):
+        assert tokens == reference and usage["pdserve"]["path"] == "disagg"
+        assert usage["pdserve"]["kv_transfer_messages"] == pairs
