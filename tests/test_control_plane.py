@@ -200,3 +200,36 @@ def test_killed_worker_leaves_status_within_ttl(nats_server):
         assert "survivor" in workers_by_id(nats_server.url)
     finally:
         processes.stop(children)
+
+
+async def test_worker_metrics_count_the_kv_hand_off(stack):
+    status, reply, _ = await complete(stack.base_url, 64)
+    assert status == 200 and reply["usage"]["pdserve"]["path"] == "disagg"
+    workers = workers_by_id(stack.nats_url)
+    moved = {}
+    async with aiohttp.ClientSession() as session:
+        for worker_id in (reply["usage"]["pdserve"]["prefill_worker"], reply["usage"]["pdserve"]["decode_worker"]):
+            async with session.get(f"http://127.0.0.1:{workers[worker_id]['metrics_port']}/metrics") as response:
+                text = await response.text()
+            samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+            moved[worker_id] = {
+                s.labels["direction"]: s.value for s in samples if s.name == "pdserve_worker_kv_transfer_bytes_total"
+            }
+            assert any(s.name == "pdserve_worker_kv_usage_ratio" for s in samples)
+    sent = moved[reply["usage"]["pdserve"]["prefill_worker"]]["sent"]
+    received = moved[reply["usage"]["pdserve"]["decode_worker"]]["received"]
+    assert sent >= reply["usage"]["pdserve"]["kv_transfer_bytes"] > 0
+    assert received >= reply["usage"]["pdserve"]["kv_transfer_bytes"]
+
+
+def test_loglevel_reaches_every_service(stack):
+    services = {s["instance"] for s in admin("status", "--nats", stack.nats_url)["services"]}
+    changed = admin("loglevel", "debug", "--nats", stack.nats_url)
+    assert set(changed) == services and len(services) >= 4
+    assert all(reply == {"level": "debug"} for reply in changed.values())
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "admin", "loglevel", "chatty", "--nats", stack.nats_url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0 and "chatty" in result.stderr
+    admin("loglevel", "info", "--nats", stack.nats_url)
