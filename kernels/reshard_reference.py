@@ -9,8 +9,10 @@ layers x heads sub-block of it. A request's token `p` lives in page
 - `gather_pair_buffers` (prefill side): one contiguous buffer per (src rank, dst rank)
   pair, in the wire order of `shared.transfer_plan` (`[layer][K/V][token][head][dim]`).
 - `scatter_pair_buffers` (decoder side, the CPU serving path): buffers -> paged cache,
-  handling head slicing/merging, page-size change, HND/NHD and dtype cast. Each run of
-  consecutive blocks is one strided `copy_` per piece and K/V (see `page_views`).
+  handling head slicing/merging, page-size change, HND/NHD and dtype cast.
+  Both move rows with one `index_select` per layer, K/V and piece (see `_RowMap`), never
+  one copy per page; a nearly contiguous block table is instead a few strided `copy_`s
+  (see `page_views`).
 - `reference_reshard` / `reference_shards`: obviously-correct token-by-token versions,
   the oracle for tests.
 """
@@ -63,8 +65,9 @@ def page_views(
 
     `region`: `[layers, blocks, page, heads, dim]` (a view of a paged cache);
     `rows`: `[layers, T, heads, dim]` token-major. A run of consecutive blocks is one
-    strided copy, so a contiguous block table costs one copy and a shuffled one a copy
-    per page; indexed copies (index_put/index_select) are several times slower on CPU.
+    strided copy: the path for nearly contiguous block tables and non-contiguous caches;
+    shuffled tables go through `_RowMap` (one indexed copy per layer and K/V instead of
+    one copy per page).
     """
     num_tokens = rows.shape[1]
     start = 0
@@ -82,6 +85,87 @@ def page_views(
             tail_start = first_token + full * page_size
             yield region[:, blocks[start] + full, :tail], rows[:, tail_start : tail_start + tail]
         start = stop
+
+
+# Scatter falls back to one `index_copy_` per layer and K/V when the sorted destination
+# rows break into more runs than this (a badly fragmented block table).
+_MAX_SCATTER_RUNS = 32
+# Block tables of at most this many runs of consecutive ids (e.g. a freshly allocated,
+# unfragmented request) take the strided `page_views` path: a few copies in all.
+_MAX_STRIDED_RUNS = 4
+
+
+class _RowMap:
+    """Where a piece's wire rows live in one layer of a paged cache.
+
+    A piece's slab for one layer and K/V is `[T, heads, dim]` contiguous. It is viewed as
+    2-D *wire rows*, and each layer of the cache as 2-D *cache rows* of the same width:
+
+    - NHD `[blocks, page, H, D]`: one row per token, `h * D` wide (the piece's heads of
+      slot `block * page + offset`; a strided view when the piece has a head subset);
+    - HND `[blocks, H, page, D]`: one row per (token, head), `D` wide, row
+      `(block * H + head) * page + offset` of the layer viewed `[blocks * H * page, D]`.
+
+    `index[i]` is the cache row of wire row `i`, so the gather is one `index_select` per
+    layer and K/V. For the scatter, the cache rows are sorted (`order`) and split into
+    runs of consecutive rows, so each run is one `index_select` of the wire rows straight
+    into a slice of the cache (much faster on CPU than `index_copy_`/`index_put_`).
+    """
+
+    def __init__(self, spec: KvSpec, num_blocks: int, blocks: torch.Tensor, num_tokens: int, heads: range, for_scatter: bool):
+        page, num_heads, dim = spec.page_size, spec.num_kv_heads, spec.head_dim
+        tokens = torch.arange(num_tokens, device=blocks.device)
+        slots = blocks[tokens // page] * page + tokens % page  # [T]
+        self.hnd = spec.memory_layout == "HND"
+        self.num_blocks, self.heads, self.dim = num_blocks, heads, dim
+        self.width = dim if self.hnd else len(heads) * dim
+        if self.hnd:
+            head_ids = torch.arange(heads.start, heads.stop, device=blocks.device)
+            block_of, offset = (slots // page)[:, None], (slots % page)[:, None]
+            self.index = ((block_of * num_heads + head_ids) * page + offset).reshape(-1)
+        else:
+            self.index = slots
+        self.runs: list[tuple[int, int, int]] | None = None
+        if for_scatter:
+            sorted_rows, self.order = torch.sort(self.index, stable=True)
+            breaks = (torch.nonzero(sorted_rows[1:] - sorted_rows[:-1] != 1).flatten() + 1).tolist()
+            if len(breaks) < _MAX_SCATTER_RUNS:
+                bounds = [0, *breaks, sorted_rows.numel()]
+                firsts = sorted_rows[bounds[:-1]].tolist() if len(bounds) > 1 else []
+                self.runs = [(bounds[i], bounds[i + 1], firsts[i]) for i in range(len(bounds) - 1)]
+
+    def cache_rows(self, cache_layer: torch.Tensor) -> torch.Tensor:
+        """Cache rows of one layer (`cache_layer` in the spec's layout, `[blocks, ...]`)."""
+        if self.hnd:
+            return cache_layer.reshape(-1, self.dim)  # a view: the layer is contiguous
+        rows = cache_layer.view(cache_layer.shape[0] * cache_layer.shape[1], -1)
+        return rows[:, self.heads.start * self.dim : self.heads.stop * self.dim]
+
+    def gather(self, cache_layer: torch.Tensor, out: torch.Tensor) -> None:
+        torch.index_select(self.cache_rows(cache_layer), 0, self.index, out=out.view(-1, self.width))
+
+    def scatter(self, src: torch.Tensor, cache_layer: torch.Tensor) -> None:
+        rows, wire = self.cache_rows(cache_layer), src.view(-1, self.width)
+        if self.runs is None:
+            rows.index_copy_(0, self.index, wire)
+            return
+        for first, stop, row in self.runs:
+            torch.index_select(wire, 0, self.order[first:stop], out=rows[row : row + stop - first])
+
+
+def _few_runs(blocks: list[int]) -> bool:
+    """True when the block table is at most `_MAX_STRIDED_RUNS` runs of consecutive ids, where
+    one strided `copy_` per run (`page_views`) beats the row-indexed path."""
+    breaks = sum(1 for a, b in zip(blocks, blocks[1:]) if b != a + 1)
+    return breaks < _MAX_STRIDED_RUNS
+
+
+def _layer_major(plan_pieces: list[tuple[Piece, torch.Tensor]]) -> list[int]:
+    """Layers touched by any piece, ascending."""
+    layers: set[int] = set()
+    for piece, _ in plan_pieces:
+        layers.update(range(piece.segment.layer_start, piece.segment.layer_stop))
+    return sorted(layers)
 
 
 def _as_nhd(cache: torch.Tensor, spec: KvSpec) -> torch.Tensor:
@@ -137,17 +221,43 @@ def gather_pair_buffers(
     buffers = []
     for index, pair in enumerate(plan.pairs):
         if out is None:
-            buffer = torch.empty(pair.numel(num_tokens), dtype=spec.dtype, device=src_key.device)
+            buffers.append(torch.empty(pair.numel(num_tokens), dtype=spec.dtype, device=src_key.device))
         else:
-            buffer = typed_buffer(out[index], pair, plan, num_tokens)
-        for piece in pair.pieces:
-            seg, piece_rows = piece.segment, piece_view(buffer, piece, num_tokens)
+            buffers.append(typed_buffer(out[index], pair, plan, num_tokens))
+    work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(buffers, plan.pairs) for p in pair.pieces]
+    if _few_runs(blocks) or not (src_key.is_contiguous() and src_value.is_contiguous()):
+        caches = (_as_nhd(src_key, spec), _as_nhd(src_value, spec))
+        for piece, piece_rows in work:
+            seg = piece.segment
             for kv, cache in enumerate(caches):
                 region = cache[seg.layer_start : seg.layer_stop, :, :, seg.head_start : seg.head_stop]
                 for pages, rows in page_views(region, piece_rows[:, kv], blocks, spec.page_size):
                     rows.copy_(pages)
-        buffers.append(buffer)
+        return buffers
+    maps = _row_maps(work, spec, src_key, blocks, num_tokens, for_scatter=False)
+    # layer-major, then K/V, then piece: pieces reading the same layer (e.g. one head
+    # each) run back to back while that layer is still in the CPU caches
+    for layer in _layer_major(work):
+        for kv, cache in enumerate((src_key, src_value)):
+            cache_layer = cache[layer]
+            for piece, piece_rows in work:
+                seg = piece.segment
+                if seg.layer_start <= layer < seg.layer_stop:
+                    maps[seg.head_start, seg.head_stop].gather(cache_layer, piece_rows[layer - seg.layer_start, kv])
     return buffers
+
+
+def _row_maps(
+    work: list[tuple[Piece, torch.Tensor]], spec: KvSpec, cache: torch.Tensor, blocks: list[int], num_tokens: int, for_scatter: bool
+) -> dict[tuple[int, int], _RowMap]:
+    """One `_RowMap` per distinct head range of the pieces."""
+    block_ids = torch.tensor(blocks, dtype=torch.long, device=cache.device)
+    maps: dict[tuple[int, int], _RowMap] = {}
+    for piece, _ in work:
+        heads = (piece.segment.head_start, piece.segment.head_stop)
+        if heads not in maps:
+            maps[heads] = _RowMap(spec, cache.shape[1], block_ids, num_tokens, range(*heads), for_scatter)
+    return maps
 
 
 def slice_pair_buffers(kv: torch.Tensor, plan: TransferPlan) -> list[torch.Tensor]:
@@ -180,14 +290,29 @@ def scatter_pair_buffers(
     _check_buffers(buffers, plan)
     typed = [typed_buffer(b, pair, plan, num_tokens) for b, pair in zip(buffers, plan.pairs)]
     blocks = block_list(dst_block_table, num_tokens, spec.page_size)
-    caches = (_as_nhd(dst_key, spec), _as_nhd(dst_value, spec))
-    for buffer, pair in zip(typed, plan.pairs):
-        for piece in pair.pieces:
-            seg, src = piece.segment, piece_view(buffer, piece, num_tokens)
+    work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(typed, plan.pairs) for p in pair.pieces]
+    if _few_runs(blocks) or not (dst_key.is_contiguous() and dst_value.is_contiguous()):
+        caches = (_as_nhd(dst_key, spec), _as_nhd(dst_value, spec))
+        for piece, src in work:
+            seg = piece.segment
             for kv, cache in enumerate(caches):
                 region = cache[seg.layer_start : seg.layer_stop, :, :, seg.head_start : seg.head_stop]
                 for pages, rows in page_views(region, src[:, kv], blocks, spec.page_size):
                     pages.copy_(rows)  # casts to the cache dtype
+        return
+    maps = _row_maps(work, spec, dst_key, blocks, num_tokens, for_scatter=True)
+    # layer-major, then K/V, then piece (in plan order, so where pieces overlap — they
+    # should not — the later one still wins, as before)
+    for layer in _layer_major(work):
+        for kv, cache in enumerate((dst_key, dst_value)):
+            cache_layer = cache[layer]
+            for piece, src in work:
+                seg = piece.segment
+                if seg.layer_start <= layer < seg.layer_stop:
+                    rows = src[layer - seg.layer_start, kv]
+                    if rows.dtype != spec.dtype:
+                        rows = rows.to(spec.dtype)  # the cast, one layer at a time
+                    maps[seg.head_start, seg.head_stop].scatter(rows, cache_layer)
 
 
 def pair_buffers_to_shards(
