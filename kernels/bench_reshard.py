@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    # 1 by default: what each worker runs with when `pdserve up` shares this 2-core machine,
+    # and multi-threaded index kernels stall badly when other processes hold the cores.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--contiguous", action="store_true", help="sequential block tables (default: shuffled pages)")
     parser.add_argument("--skip-cpu", action="store_true")
     args = parser.parse_args()
