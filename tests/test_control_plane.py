@@ -161,22 +161,26 @@ async def test_auto_mode_follows_policy_changed_at_run_time():
     assert long_after[2]["x-pdserve-path"] == "colocated"
 
 
-async def test_429_with_retry_after_exactly_when_full():
-    running = start_stack("--model", MODEL, "--max-concurrent-requests", "1")
+async def test_429_when_full_and_400_when_larger_than_the_kv_budget():
+    running = start_stack("--model", MODEL, "--max-concurrent-requests", "1", "--kv-cache-tokens", "1024")
     try:
-        body = {"model": MODEL, "prompt": prompt_of(20), "max_tokens": 6000, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": prompt_of(20), "max_tokens": 900, "ignore_eos": True, "stream": True}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{running.base_url}/completions", json=body) as first:
                 await first.content.readline()
                 status, reply, headers = await complete(running.base_url, 10)
         await asyncio.sleep(0.5)
         status_after, _, _ = await complete(running.base_url, 10)
+        too_big, too_big_reply, _ = await complete(running.base_url, 600, max_tokens=600)
+        still_serving, _, _ = await complete(running.base_url, 10)
     finally:
         assert stop_stack_group(running.proc)
     assert status == 429
     assert headers["Retry-After"] == "1"
     assert reply["error"]["type"] == "rate_limit_error"
     assert status_after == 200
+    assert too_big == 400 and "KV" in too_big_reply["error"]["message"]
+    assert still_serving == 200
 
 
 def test_killed_worker_leaves_status_within_ttl(nats_server):
