@@ -120,7 +120,8 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
             KvSegment(p.src_rank, p.dst_rank, segment_tag(f"raw{i}", p.src_rank, p.dst_rank), session.plan.pair_nbytes(p, args.tokens))
             for p in pairs
         ]
-        buffers = [torch.empty(s.nbytes, dtype=torch.uint8) for s in segments]
+        # Real bytes, written before timing (untouched `empty` pages would all read the one zero page).
+        buffers = [torch.randint(0, 256, (s.nbytes,), dtype=torch.uint8) for s in segments]
         started = time.perf_counter()
         host, port = protocol.decoder(list).decode(await _raw_request(nc, segments))
         await sender.send(host, port, segments, buffers)
