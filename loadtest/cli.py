@@ -70,7 +70,7 @@ def _add_reporting(parser: argparse.ArgumentParser) -> None:
 
 def register(bench: argparse.ArgumentParser) -> None:
     """Adds `serve`, `compare` and `latency` under the given `bench` parser."""
-    commands = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,compare,latency}")
+    commands = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,compare,latency,engine}")
 
     serve = commands.add_parser("serve", help="load-test any OpenAI-compatible endpoint",
                                 description="Streams requests at an OpenAI-compatible server and measures TTFT, inter-token latency and throughput.")
@@ -101,6 +101,11 @@ def register(bench: argparse.ArgumentParser) -> None:
     latency = commands.add_parser("latency", help="one request at a time: TTFT, TPOT and KV hand-off, disagg vs colocated")
     handoff_latency.register(latency)
 
+    from loadtest import engine_bench
+
+    engine = commands.add_parser("engine", help="the engine alone: prefill and decode tokens/s vs HF transformers")
+    engine_bench.register(engine)
+
 
 def run(args: argparse.Namespace) -> int:
     """Executes a parsed `bench serve` / `bench compare`; returns the exit code."""
@@ -114,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
             from loadtest import handoff_latency
 
             return handoff_latency.run(args)
+        if args.bench_command == "engine":
+            from loadtest import engine_bench
+
+            return engine_bench.run(args)
         return _compare(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve bench {args.bench_command}: {exc}", file=sys.stderr)

@@ -1,39 +1,67 @@
-"""The synchronous model engine a worker drives: prefill, KV export/import, batched decode steps.
+"""The synchronous model engine a worker drives: continuous batching over a paged KV cache.
 
-Life cycle of a request (one `_Sequence`):
-  prefill(prompt) or add_prefilled(prompt KV, first token)  -> running, blocks reserved
-  step() ... step()   -> one token per call, until "stop" or "length" -> finished
-  free() / abort()    -> blocks back to the allocator
-A finished sequence keeps its blocks (so a prefill worker can still export_kv) until the
+Two ways in, one running batch:
+- queued (continuous batching): `add_request(...)` or `add_handoff_request(...)` queue a
+  prompt; each `step()` admits what the cache can take, runs prompt chunks and decodes
+  together in one forward pass, and returns the tokens of that pass. A hand-off
+  request stops after its first token, whose TokenOutput carries the prompt's KV.
+- immediate (one request per call): `prefill(...)` / `prefill_and_export(...)` run one
+  prompt now; `add_prefilled(...)` adopts a prompt's KV from another engine. The
+  sequence then decodes in step() with the rest.
+
+Life cycle of a request (one `Sequence`, see scheduler.py):
+  queued -> running (pages for prompt + max_tokens reserved) -> prompt chunks -> first
+  token -> one token per step() -> "stop" or "length" -> finished
+  free() / abort()    -> pages back to the allocator, from any of those states
+A finished sequence keeps its pages (so a prefill worker can still export_kv) until the
 caller frees it; free is idempotent, and abort is free under the name a cancel path uses.
+A step whose forward pass fails releases the pages of every request in it and raises
+`StepError` naming them.
 
-Blocks for prompt + max_tokens are reserved at admission, so a running sequence never
-runs out of cache mid-decode and no preemption is needed.
-
-Threading: commands (prefill, add_prefilled, step, export_kv, free) must all run on one
-thread; the read-only queries (num_running, num_free_blocks, can_admit, ...) read
-snapshots and may be polled from another (an event loop's heartbeat).
+Threading: commands (add_*, prefill, step, export_kv, free, abort) must all run on one
+thread; the read-only queries (num_running, num_waiting, num_free_blocks, can_admit, ...)
+read snapshots and may be polled from another (an event loop's heartbeat).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 
 from shared.engine.batch import ForwardBatch, SequenceChunk
-from shared.engine.kv_cache import BlockAllocator, PagedKVCache, blocks_needed, slot_mapping
+from shared.engine.kv_cache import BlockAllocator, PagedKVCache, slot_mapping
 from shared.engine.loader import LoadedModel
-from shared.engine.sampling import RequestSampler, SamplingParams
+from shared.engine.prepack import prepacked
+from shared.engine.sampling import Choice, RequestSampler, SamplingParams, sample_batch
+from shared.engine.scheduler import (
+    KvCacheFullError,
+    KvCapacityError,
+    QueueFullError,
+    ScheduledChunk,
+    Scheduler,
+    SchedulingConfig,
+)
+from shared.engine.sequence import Sequence
+
+__all__ = [
+    "Engine",
+    "KvCacheFullError",
+    "KvCapacityError",
+    "QueueFullError",
+    "SchedulingConfig",
+    "StepError",
+    "TokenOutput",
+]
 
 
-class KvCapacityError(ValueError):
-    """The request (prompt + max_tokens) can never fit this engine's KV cache."""
+class StepError(RuntimeError):
+    """A forward pass failed; its requests were released (pages freed) and are gone from the engine."""
 
-
-class KvCacheFullError(RuntimeError):
-    """The request would fit, but not while others hold the cache: retry after some finish."""
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
 
 
 @dataclass(frozen=True)
@@ -41,21 +69,9 @@ class TokenOutput:
     request_id: str
     token_id: int
     finish_reason: str | None  # "stop" (EOS or a stop token), "length" (max_tokens), None (more to come)
-
-
-@dataclass
-class _Sequence:
-    request_id: str
-    num_prompt_tokens: int
-    block_table: list[int]
-    sampler: RequestSampler
-    output_ids: list[int] = field(default_factory=list)  # generated tokens, the first included
-    num_cached: int = 0  # tokens whose K/V are in the cache
-    finish_reason: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.finish_reason is None
+    logprob: float | None = None  # of token_id, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token, logprob), most likely first
+    kv: torch.Tensor | None = field(default=None, compare=False)  # hand-off requests: the prompt's KV
 
 
 class Engine:
@@ -65,17 +81,19 @@ class Engine:
         kv_cache_tokens: int = 16384,
         block_size: int = 16,
         kv_dtype: torch.dtype | None = None,
+        scheduling: SchedulingConfig | None = None,
     ):
         """`kv_cache_tokens`: the cache budget, rounded down to whole blocks. `kv_dtype`: defaults to the weights'."""
         if block_size <= 0 or kv_cache_tokens < block_size:
             raise ValueError(f"need 0 < block_size <= kv_cache_tokens, got {block_size} and {kv_cache_tokens}")
         self.loaded = loaded
         self.config = loaded.config
-        self.model = loaded.model
+        # The same weights, with CPU matmuls on pre-packed copies where that is faster (prepack.py).
+        self.model = prepacked(loaded.model)
         num_blocks = kv_cache_tokens // block_size
-        self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or self.model.dtype)
+        self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype)
         self.allocator = BlockAllocator(num_blocks)
-        self._sequences: dict[str, _Sequence] = {}
+        self.scheduler = Scheduler(scheduling or SchedulingConfig(), self.allocator, block_size)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -108,34 +126,99 @@ class Engine:
 
     @property
     def num_sequences(self) -> int:
-        """Requests holding KV here: running, finished but not yet freed."""
-        return len(self._sequences)
-
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._sequences
+        """Requests holding KV here: running, finished but not yet freed (not the queued ones)."""
+        return len(self.scheduler.admitted)
 
     @property
     def num_running(self) -> int:
-        # tuple(): one C-level copy, so a concurrent insert cannot break the iteration.
-        return sum(seq.running for seq in tuple(self._sequences.values()))
+        """Requests admitted and not finished: prefilling or decoding."""
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued by add_request / add_handoff_request, not admitted yet."""
+        return self.scheduler.num_waiting
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether step() has work: queued or running requests. A step loop runs while this holds."""
+        return self.num_waiting > 0 or self.num_running > 0
+
+    def holds(self, request_id: str) -> bool:
+        """Whether the request is here: queued, running, or finished and not yet freed."""
+        return self.scheduler.knows(request_id)
 
     def fits_budget(self, num_tokens: int) -> bool:
         """Whether a request reserving `num_tokens` (prompt + max_tokens) could ever be admitted."""
-        return blocks_needed(num_tokens, self.block_size) <= self.num_blocks
+        return self.scheduler.fits_budget(num_tokens)
 
     def can_admit(self, num_tokens: int) -> bool:
         """Whether a request reserving `num_tokens` (prompt + max_tokens) can be admitted now."""
-        return self.allocator.can_allocate(blocks_needed(num_tokens, self.block_size))
+        return self.scheduler.can_admit(num_tokens)
 
-    # -- commands --------------------------------------------------------------------------
+    def can_queue(self) -> bool:
+        """Whether add_request would find room in the waiting queue now."""
+        return self.scheduler.can_queue()
+
+    # -- commands: continuous batching -----------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Queues a request to prefill and decode here; its tokens come out of step(), the first included.
+
+        Raises KvCapacityError (can never fit), QueueFullError (queue at its bound), ValueError
+        (bad ids, duplicate id, beyond the model's context). A queued request waits for pages.
+        """
+        self.scheduler.add(self._new_sequence(request_id, prompt_ids, sampling, hand_off=False))
+
+    def add_handoff_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Queues a prefill for another engine to decode (disaggregated serving).
+
+        step() returns its first token with `kv`, the prompt's `[L, 2, P, H, D]` K/V, and
+        releases it here at once; `kv` is None when the first token already finishes the request.
+        """
+        self.scheduler.add(self._new_sequence(request_id, prompt_ids, sampling, hand_off=True))
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        """One forward pass over the running batch: a token for each decode and each finished prompt.
+
+        Admits queued requests as pages allow, runs prompt chunks within the token budget,
+        and decodes every running sequence once.
+        """
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
+        try:
+            logits = self._forward(plan)
+            return self._append_all(sampled, logits)
+        except Exception as exc:
+            failed = [chunk.seq.request_id for chunk in plan]
+            for request_id in failed:
+                self.scheduler.free(request_id)
+            raise StepError(failed, exc) from exc
+
+    # -- commands: one request at a time ----------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> TokenOutput:
-        """Runs the prompt, keeps its KV, samples the first token. The sequence then runs in step()."""
-        self._check_token_ids(prompt_ids)
-        seq = self._admit(request_id, len(prompt_ids), sampling)
-        logits = self._forward([seq], [SequenceChunk(seq.block_table, 0, len(prompt_ids))], prompt_ids)
-        return self._sample_and_append(seq, logits[0])
+        """Runs the prompt now (alone, in budget-sized chunks), keeps its KV, samples the first token.
+
+        The sequence then decodes in step(). Raises KvCacheFullError when its pages are not free now.
+        """
+        seq = self._new_sequence(request_id, prompt_ids, sampling, hand_off=False)
+        self.scheduler.admit_now(seq)
+        try:
+            budget = self.scheduler.config.max_num_batched_tokens
+            while True:
+                chunk = ScheduledChunk(seq, min(seq.num_prompt_tokens - seq.num_cached, budget))
+                last = chunk.completes_prompt
+                logits = self._forward([chunk])
+                if last:
+                    return self._append_all([seq], logits)[0]
+        except Exception:
+            self.scheduler.free(request_id)
+            raise
 
     def prefill_and_export(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
@@ -159,7 +242,7 @@ class Engine:
     def add_prefilled(
         self,
         request_id: str,
-        prompt_ids: Sequence[int] | int,
+        prompt_ids: Seq[int] | int,
         first_token: int,
         kv: torch.Tensor,
         sampling: SamplingParams,
@@ -167,101 +250,95 @@ class Engine:
         """Decode side of a hand-off: adopts a prompt's KV and first token; step() produces token 2 onwards.
 
         `prompt_ids` may be the ids or just their count: the KV already carries the prompt.
+        Raises KvCacheFullError when its pages are not free now.
         """
         num_prompt = prompt_ids if isinstance(prompt_ids, int) else len(prompt_ids)
         self._check_token_ids([first_token])
         expected = (self.config.num_layers, 2, num_prompt, self.config.num_kv_heads, self.config.head_dim)
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV for {request_id!r} has shape {tuple(kv.shape)}, expected {expected}")
-        seq = self._admit(request_id, num_prompt, sampling)
+        seq = Sequence(request_id, [], num_prompt, RequestSampler(sampling))
+        self._check_context(seq)
+        self.scheduler.admit_now(seq)
         self.kv_cache.load(self._slots(seq, num_prompt), kv)
         seq.num_cached = num_prompt
         # The first token was sampled on the prefill side as generated index 0; ours continue from 1.
-        self._append(seq, first_token)
-
-    @torch.inference_mode()
-    def step(self) -> list[TokenOutput]:
-        """One token for every running sequence, in one batched forward pass."""
-        running = [seq for seq in self._sequences.values() if seq.running]
-        if not running:
-            return []
-        chunks = [SequenceChunk(seq.block_table, seq.num_cached, 1) for seq in running]
-        logits = self._forward(running, chunks, [seq.output_ids[-1] for seq in running])
-        return [self._sample_and_append(seq, row) for seq, row in zip(running, logits)]
+        self._append(seq, Choice(first_token))
 
     def free(self, request_id: str) -> None:
-        """Releases the request's blocks; unknown or already freed ids are ignored."""
-        seq = self._sequences.pop(request_id, None)
-        if seq is not None:
-            self.allocator.free(seq.block_table)
+        """Releases the request (queued, running or finished) and its pages; unknown or freed ids are ignored."""
+        self.scheduler.free(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stops a request wherever it is and releases its blocks (same as free)."""
+        """Stops a request wherever it is and releases its pages (same as free)."""
         self.free(request_id)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _get(self, request_id: str) -> _Sequence:
+    def _get(self, request_id: str) -> Sequence:
         try:
-            return self._sequences[request_id]
+            return self.scheduler.admitted[request_id]
         except KeyError:
-            raise KeyError(f"no sequence {request_id!r} in this engine") from None
+            raise KeyError(f"no sequence {request_id!r} holds KV in this engine") from None
 
-    def _check_token_ids(self, token_ids: Sequence[int]) -> None:
+    def _new_sequence(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, hand_off: bool) -> Sequence:
+        self._check_token_ids(prompt_ids)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), RequestSampler(sampling), hand_off=hand_off)
+        self._check_context(seq)
+        return seq
+
+    def _check_token_ids(self, token_ids: Seq[int]) -> None:
         if not token_ids:
             raise ValueError("prompt must hold at least one token")
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
 
-    def _admit(self, request_id: str, num_prompt: int, sampling: SamplingParams) -> _Sequence:
-        if request_id in self._sequences:
-            raise ValueError(f"request {request_id!r} is already in this engine")
-        if num_prompt <= 0:
+    def _check_context(self, seq: Sequence) -> None:
+        if seq.num_prompt_tokens <= 0:
             raise ValueError("prompt must hold at least one token")
-        reserved = num_prompt + sampling.max_tokens
-        if reserved > self.config.max_position_embeddings:
+        if seq.num_reserved_tokens > self.config.max_position_embeddings:
             raise ValueError(
-                f"prompt ({num_prompt}) + max_tokens ({sampling.max_tokens}) = {reserved} exceeds "
-                f"the model's context of {self.config.max_position_embeddings} tokens"
+                f"prompt ({seq.num_prompt_tokens}) + max_tokens ({seq.sampler.params.max_tokens}) = "
+                f"{seq.num_reserved_tokens} exceeds the model's context of {self.config.max_position_embeddings} tokens"
             )
-        if not self.fits_budget(reserved):
-            raise KvCapacityError(
-                f"prompt ({num_prompt}) + max_tokens ({sampling.max_tokens}) = {reserved} tokens can never fit "
-                f"this engine's KV cache of {self.max_tokens} tokens ({self.num_blocks} blocks of {self.block_size})"
-            )
-        if not self.can_admit(reserved):
-            raise KvCacheFullError(
-                f"{reserved} tokens need {blocks_needed(reserved, self.block_size)} blocks; "
-                f"{self.num_free_blocks} of {self.num_blocks} are free now"
-            )
-        blocks = self.allocator.allocate(blocks_needed(reserved, self.block_size))
-        seq = _Sequence(request_id, num_prompt, blocks, RequestSampler(sampling))
-        self._sequences[request_id] = seq
-        return seq
 
-    def _slots(self, seq: _Sequence, num_tokens: int) -> torch.Tensor:
+    def _slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         # Flat cache slots of positions 0 .. num_tokens - 1: [num_tokens]
         table = torch.tensor(seq.block_table, dtype=torch.int64)
         return slot_mapping(table, torch.arange(num_tokens), self.block_size)
 
-    def _forward(self, seqs: list[_Sequence], chunks: list[SequenceChunk], input_ids: list[int]) -> torch.Tensor:
+    def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
+        """Runs the plan's tokens; float32 logits `[R, vocab]` for the chunks that sample, in plan order."""
+        input_ids: list[int] = []
+        chunks = []
+        for item in plan:
+            seq = item.seq
+            input_ids += seq.next_chunk_ids(item.num_new)
+            chunks.append(SequenceChunk(seq.block_table, seq.num_cached, item.num_new, item.completes_prompt))
         batch = ForwardBatch.build(chunks, self.block_size)
-        logits = self.model(torch.tensor(input_ids, dtype=torch.int64), batch, self.kv_cache)  # [num_seqs, vocab]
-        for seq, chunk in zip(seqs, chunks):
-            seq.num_cached += chunk.num_new
+        logits = self.model(torch.tensor(input_ids, dtype=torch.int64), batch, self.kv_cache)
+        for item in plan:
+            item.seq.num_cached += item.num_new
         return logits
 
-    def _sample_and_append(self, seq: _Sequence, logits: torch.Tensor) -> TokenOutput:
-        # logits: [vocab]; the sampler's step index is the token's generated index (0 = first token).
-        return self._append(seq, seq.sampler.sample(logits, step=len(seq.output_ids)))
+    def _append_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenOutput]:
+        # logits: [len(seqs), vocab]; a sequence's sampling step is the token's generated index (0 = first).
+        choices = sample_batch(logits, [seq.sampler for seq in seqs], [len(seq.output_ids) for seq in seqs])
+        return [self._append(seq, choice) for seq, choice in zip(seqs, choices)]
 
-    def _append(self, seq: _Sequence, token_id: int) -> TokenOutput:
-        seq.output_ids.append(token_id)
-        seq.finish_reason = self._finish_reason(seq, token_id)
-        return TokenOutput(seq.request_id, token_id, seq.finish_reason)
+    def _append(self, seq: Sequence, choice: Choice) -> TokenOutput:
+        seq.output_ids.append(choice.token_id)
+        reason = self._finish_reason(seq, choice.token_id)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        kv = None
+        if seq.hand_off:  # its decode goes on elsewhere (or nowhere): nothing stays here
+            kv = self.export_kv(seq.request_id) if reason is None else None
+            self.scheduler.free(seq.request_id)
+        return TokenOutput(seq.request_id, choice.token_id, reason, choice.logprob, choice.top_logprobs, kv)
 
-    def _finish_reason(self, seq: _Sequence, token_id: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampler.params
         if token_id in params.stop_token_ids:
             return "stop"

@@ -7,44 +7,57 @@ cache viewed as one flat run of token rows per layer.
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 
 from shared.engine.config import ModelConfig
 
 
 class BlockAllocator:
-    """Hands out page ids; query/command pairs so callers check before they commit."""
+    """Hands out page ids; query/command pairs so callers check before they commit.
+
+    A request's pages come as one contiguous run when the free space has one (first
+    fit), else as the lowest free pages: attention then reads a contiguous context as a
+    view instead of gathering it page by page.
+    """
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._used = bytearray(num_blocks)  # 1 = allocated; bytes.find locates free runs in C
+        self._num_free = num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
+        return 0 <= n <= self._num_free
 
     def allocate(self, n: int) -> list[int]:
         if not self.can_allocate(n):
-            raise RuntimeError(f"cannot allocate {n} blocks: {len(self._free)} of {self.num_blocks} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
+            raise RuntimeError(f"cannot allocate {n} blocks: {self._num_free} of {self.num_blocks} free")
+        start = self._used.find(bytes(n)) if n else -1
+        if start >= 0:
+            blocks = list(range(start, start + n))
+        else:
+            blocks, at = [], -1
+            for _ in range(n):
+                at = self._used.find(0, at + 1)
+                blocks.append(at)
+        for block in blocks:
+            self._used[block] = 1
+        self._num_free -= n
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        stray = [b for b in blocks if b not in self._used]
+        stray = [b for b in blocks if not (0 <= b < self.num_blocks and self._used[b])]
         if stray or len(set(blocks)) != len(blocks):
             # A double free would hand one page to two sequences later: fail loudly instead.
             raise ValueError(f"freeing blocks that are not allocated (or repeated): {stray or blocks}")
-        self._used.difference_update(blocks)
-        self._free.extend(blocks)
+        for block in blocks:
+            self._used[block] = 0
+        self._num_free += len(blocks)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -58,7 +71,12 @@ def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size:
 
 
 class PagedKVCache:
-    """K and V pages for every layer: `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]` (NHD in a page)."""
+    """K and V pages for every layer, head-major: `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]`.
+
+    Head-major so that a gather of pages hands attention `[H, B, S, D]` whose per-head,
+    per-sequence `[S, D]` matrices are contiguous: batched matmuls read them directly.
+    Exports and imports use the layout-free `[L, 2, S, H, D]` of a hand-off.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
         if block_size <= 0:
@@ -66,30 +84,46 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
         self.key = torch.zeros(shape, dtype=dtype)
         self.value = torch.zeros(shape, dtype=dtype)
-
-    def _flat(self, cache: torch.Tensor) -> torch.Tensor:
-        # [L, blocks, block_size, H, D] -> [L, slots, H, D] (a view: pages are contiguous)
-        return cache.view(cache.shape[0], -1, *cache.shape[3:])
+        # The same memory with one flat run of slots per layer and head: [L, H, slots, D] (views).
+        self._key_slots = self.key.view(*shape[:2], -1, shape[-1])
+        self._value_slots = self.value.view(*shape[:2], -1, shape[-1])
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         # slots: [T], key/value: [T, H, D] in any float dtype (cast to the cache's)
-        self._flat(self.key)[layer].index_copy_(0, slots, key.to(self.dtype))
-        self._flat(self.value)[layer].index_copy_(0, slots, value.to(self.dtype))
+        self._key_slots[layer].index_copy_(1, slots, key.to(self.dtype).transpose(0, 1))
+        self._value_slots[layer].index_copy_(1, slots, value.to(self.dtype).transpose(0, 1))
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: [S] -> key, value: [S, H, D] in the cache's dtype
-        return self._flat(self.key)[layer].index_select(0, slots), self._flat(self.value)[layer].index_select(0, slots)
+        key = self._key_slots[layer].index_select(1, slots)  # [H, S, D]
+        value = self._value_slots[layer].index_select(1, slots)
+        return key.transpose(0, 1), value.transpose(0, 1)
+
+    def read_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole pages, concatenated per row: pages `[B, P]` -> key, value `[H, B, P * block_size, D]`.
+
+        Copies whole pages (runs of block_size rows), much faster than a gather by slot.
+        """
+        batch, num_pages = pages.shape
+        flat = pages.reshape(-1)
+        shape = (self.key.shape[1], batch, num_pages * self.block_size, self.key.shape[-1])
+        return self.key[layer].index_select(1, flat).view(shape), self.value[layer].index_select(1, flat).view(shape)
+
+    def read_run(self, layer: int, first_slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots first_slot .. first_slot + length - 1 (consecutive pages): key, value `[H, length, D]` views, no copy."""
+        end = first_slot + length
+        return self._key_slots[layer, :, first_slot:end], self._value_slots[layer, :, first_slot:end]
 
     def export(self, slots: torch.Tensor) -> torch.Tensor:
         """All layers' K and V of `slots` as one new contiguous `[L, 2, S, H, D]` tensor."""
-        key = self._flat(self.key).index_select(1, slots)  # [L, S, H, D]
-        value = self._flat(self.value).index_select(1, slots)
+        key = self._key_slots.index_select(2, slots).transpose(1, 2)  # [L, S, H, D]
+        value = self._value_slots.index_select(2, slots).transpose(1, 2)
         return torch.stack((key, value), dim=1)
 
     def load(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Inverse of `export`: kv `[L, 2, S, H, D]` written into `slots` of every layer."""
-        self._flat(self.key).index_copy_(1, slots, kv[:, 0].to(self.dtype))
-        self._flat(self.value).index_copy_(1, slots, kv[:, 1].to(self.dtype))
+        self._key_slots.index_copy_(2, slots, kv[:, 0].to(self.dtype).transpose(1, 2))
+        self._value_slots.index_copy_(2, slots, kv[:, 1].to(self.dtype).transpose(1, 2))

@@ -189,5 +189,6 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, kv_cache, self.rotary)
         x = self.norm(x[batch.last_token_index])  # [num_seqs, hidden]: the head only needs last tokens
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()  # [num_seqs, vocab]
+        if self.lm_head is None:  # tied to the embedding
+            return F.linear(x, self.embed_tokens.weight).float()  # [num_seqs, vocab]
+        return self.lm_head(x).float()  # a module call, so the engine's packed twin can swap it (prepack.py)

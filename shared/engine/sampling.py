@@ -1,5 +1,9 @@
 """Choosing the next token from logits: greedy, or temperature / top-k / top-p with a per-request seed.
 
+A step samples every row of its logits with `sample_batch`: greedy rows in one argmax,
+the others each with their request's own generator, and log-probabilities (of the raw
+model distribution, before temperature or filtering) for requests that ask for them.
+
 Reproducibility: the draw for a request's n-th generated token uses a generator seeded
 from (request seed, n). It depends on nothing else (not batch mates, not which worker
 ran the step), so prefill on one machine and decode on another give the same tokens as
@@ -9,10 +13,12 @@ running both on one.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 5  # the most top alternatives a request may ask for
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi: spreads consecutive step indices over the seed space
 
@@ -26,6 +32,7 @@ class SamplingParams:
     max_tokens: int = 16  # generated tokens, the first (from prefill) included
     stop_token_ids: tuple[int, ...] = ()  # finish with "stop" on these, even with ignore_eos
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely (k <= 5)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:  # also rejects NaN
@@ -38,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
@@ -60,6 +69,50 @@ class RequestSampler:
         self._generator.manual_seed(_step_seed(self.seed, step))
         probs = _filtered_probs(logits.float(), self.params)
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A sampled token, with its log-probability and the top alternatives when the request asked."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # most likely first
+
+
+def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler], steps: Sequence[int]) -> list[Choice]:
+    """One token per row: row i of logits `[R, vocab]` for `samplers[i]` at generated index `steps[i]`."""
+    tokens = _greedy_tokens(logits, samplers)
+    for row, (sampler, step) in enumerate(zip(samplers, steps)):
+        if tokens[row] is None:
+            tokens[row] = sampler.sample(logits[row], step)
+    choices = [Choice(token) for token in tokens]
+    wanted = [row for row, sampler in enumerate(samplers) if sampler.params.logprobs is not None]
+    if wanted:
+        logprobs = torch.log_softmax(logits[wanted].float(), dim=-1)  # [W, vocab]
+        for row, row_logprobs in zip(wanted, logprobs):
+            choices[row] = _with_logprobs(choices[row].token_id, row_logprobs, samplers[row].params.logprobs or 0)
+    return choices
+
+
+def _greedy_tokens(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int | None]:
+    """The argmax of every greedy row (one op for all of them); None for the rows that sample."""
+    greedy = [row for row, sampler in enumerate(samplers) if sampler.params.greedy]
+    tokens: list[int | None] = [None] * len(samplers)
+    if greedy:
+        picked = logits.argmax(dim=-1) if len(greedy) == len(samplers) else logits[greedy].argmax(dim=-1)
+        for row, token in zip(greedy, picked.tolist()):
+            tokens[row] = token
+    return tokens
+
+
+def _with_logprobs(token_id: int, logprobs: torch.Tensor, num_top: int) -> Choice:
+    # logprobs: [vocab] float32
+    top: list[tuple[int, float]] = []
+    if num_top:
+        values, ids = torch.topk(logprobs, num_top)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return Choice(token_id, float(logprobs[token_id]), top)
 
 
 def _step_seed(seed: int, step: int) -> int:

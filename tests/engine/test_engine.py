@@ -5,7 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from shared.engine.batch import ForwardBatch, SequenceChunk
 from shared.engine.engine import Engine, KvCacheFullError, KvCapacityError
+from shared.engine.kv_cache import PagedKVCache
+from shared.engine.prepack import PackedLinear, packing_available
 from shared.engine.sampling import SamplingParams
 
 PROMPT = [1, 504, 3458, 314, 260, 1345, 30, 2, 198, 1, 520, 9531, 198, 77, 4093, 11, 28, 3060, 99, 1001]
@@ -173,11 +176,11 @@ def test_export_kv_layout_and_prompt_count_form(tiny):
     cfg = tiny.config
     assert kv.shape == (cfg.num_layers, 2, len(PROMPT), cfg.num_kv_heads, cfg.head_dim)
     assert kv.numel() * kv.element_size() == prefill.kv_bytes_per_token * len(PROMPT)
-    # Token p of layer l sits in page block_table[p // 16] at offset p % 16 (NHD within a page).
-    table = prefill._sequences["r"].block_table
+    # Token p of layer l, head h sits in page block_table[p // 16] at offset p % 16 (head-major pages).
+    table = prefill.scheduler.admitted["r"].block_table
     p = 17
-    torch.testing.assert_close(kv[1, 0, p], prefill.kv_cache.key[1, table[p // 16], p % 16], rtol=0, atol=0)
-    torch.testing.assert_close(kv[0, 1, p], prefill.kv_cache.value[0, table[p // 16], p % 16], rtol=0, atol=0)
+    torch.testing.assert_close(kv[1, 0, p], prefill.kv_cache.key[1, :, table[p // 16], p % 16], rtol=0, atol=0)
+    torch.testing.assert_close(kv[0, 1, p], prefill.kv_cache.value[0, :, table[p // 16], p % 16], rtol=0, atol=0)
     # The decode side may be told only the prompt length (the KV carries the prompt).
     by_ids, by_count = Engine(tiny, kv_cache_tokens=256), Engine(tiny, kv_cache_tokens=256)
     by_ids.add_prefilled("r", PROMPT, 42, kv, GREEDY)
@@ -197,3 +200,28 @@ def test_bfloat16_weights_and_cache(tiny):
         # Wide random init keeps greedy margins far above bf16 rounding for the first tokens.
         assert tokens[:4] == reference[:4]
         assert engine.export_kv("r").dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not packing_available(), reason="PyTorch built without oneDNN")
+def test_prepacked_twin_shares_weights_and_matches(tiny):
+    from shared.engine.loader import load_model
+
+    engine = Engine(tiny, kv_cache_tokens=256)
+    twin, model = engine.model, tiny.model
+    assert twin is not model and Engine(tiny, kv_cache_tokens=256).model is twin  # packed once per model
+    assert isinstance(twin.layers[0].attn.q_proj, PackedLinear) and isinstance(twin.lm_head, PackedLinear)
+    assert twin.embed_tokens is model.embed_tokens and twin.layers[1].input_norm is model.layers[1].input_norm
+    assert model.lm_head is None and isinstance(model.layers[0].attn.q_proj, torch.nn.Linear)  # the original is untouched
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        logits = [
+            m(ids, ForwardBatch.build([SequenceChunk(list(range(2)), 0, len(PROMPT))], 16), PagedKVCache(tiny.config, 2, 16))
+            for m in (model, twin)
+        ]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-4)
+    moe = load_model("tiny-moe")
+    moe_twin = Engine(moe, kv_cache_tokens=256).model
+    moe.model.set_ep(2)  # MoE blocks are shared, so the engine sees the new placement
+    assert moe_twin.expert_placement.ep == 2
+    bf16 = load_model("tiny-llama", dtype=torch.bfloat16)
+    assert Engine(bf16, kv_cache_tokens=256).model is bf16.model  # packing is float32-only

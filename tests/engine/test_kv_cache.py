@@ -62,13 +62,13 @@ def test_slot_mapping_follows_the_block_table():
 def test_cache_layout_write_read_export_load():
     cfg = TINY_LLAMA_CONFIG
     cache = PagedKVCache(cfg, num_blocks=6, block_size=4)
-    assert cache.key.shape == (cfg.num_layers, 6, 4, cfg.num_kv_heads, cfg.head_dim)
+    assert cache.key.shape == (cfg.num_layers, cfg.num_kv_heads, 6, 4, cfg.head_dim)
     slots = torch.tensor([21, 22, 3])
     key = torch.randn(3, cfg.num_kv_heads, cfg.head_dim)
     value = torch.randn(3, cfg.num_kv_heads, cfg.head_dim)
     cache.write(1, slots, key, value)
-    assert torch.equal(cache.key[1, 5, 1], key[0])  # slot 21 = page 5, offset 1 (NHD within the page)
-    assert torch.equal(cache.value[1, 0, 3], value[2])
+    assert torch.equal(cache.key[1, :, 5, 1], key[0])  # slot 21 = page 5, offset 1 (head-major pages)
+    assert torch.equal(cache.value[1, :, 0, 3], value[2])
     read_key, read_value = cache.read(1, slots)
     assert torch.equal(read_key, key) and torch.equal(read_value, value)
     exported = cache.export(slots)
@@ -76,3 +76,30 @@ def test_cache_layout_write_read_export_load():
     other = PagedKVCache(cfg, num_blocks=2, block_size=8, dtype=torch.bfloat16)
     other.load(torch.tensor([0, 9, 15]), exported)
     assert torch.equal(other.export(torch.tensor([0, 9, 15])), exported.to(torch.bfloat16))
+
+
+def test_allocator_prefers_contiguous_runs():
+    alloc = BlockAllocator(10)
+    a, b, c = alloc.allocate(3), alloc.allocate(2), alloc.allocate(3)
+    assert (a, b, c) == ([0, 1, 2], [3, 4], [5, 6, 7])
+    alloc.free(a)
+    alloc.free(c)
+    assert alloc.allocate(4) == [5, 6, 7, 8]  # first run long enough, not the first free pages
+    assert alloc.allocate(4) == [0, 1, 2, 9]  # no run left: the lowest free pages
+    assert alloc.num_free == 0
+
+
+def test_read_pages_and_read_run():
+    cfg = TINY_LLAMA_CONFIG
+    cache = PagedKVCache(cfg, num_blocks=6, block_size=4)
+    cache.key.copy_(torch.randn(cache.key.shape))
+    cache.value.copy_(torch.randn(cache.value.shape))
+    key, value = cache.read_pages(1, torch.tensor([[5, 2], [0, 0]]))
+    assert key.shape == (cfg.num_kv_heads, 2, 8, cfg.head_dim)
+    assert torch.equal(key[:, 0, :4], cache.key[1, :, 5]) and torch.equal(key[:, 0, 4:], cache.key[1, :, 2])
+    assert torch.equal(value[:, 1, 4:], cache.value[1, :, 0])
+    run_key, run_value = cache.read_run(1, first_slot=9, length=6)  # slots 9 .. 14: pages 2 and 3
+    assert run_key.shape == (cfg.num_kv_heads, 6, cfg.head_dim)
+    assert torch.equal(run_key.transpose(0, 1), cache.read(1, torch.arange(9, 15))[0])
+    assert torch.equal(run_value.transpose(0, 1), cache.read(1, torch.arange(9, 15))[1])
+    assert run_key.data_ptr() == cache.key[1, 0, 2, 1].data_ptr()  # a view, not a copy

@@ -58,5 +58,14 @@ def test_forward_batch_metadata():
     assert batch.positions.tolist() == [3, 4, 0, 1, 2]
     assert batch.slot_mapping.tolist() == [11, 0, 4, 5, 6]
     assert batch.last_token_index.tolist() == [1, 4]
-    assert batch.attn_masks[0].tolist() == [[True] * 4 + [False], [True] * 5]
-    assert batch.context_slots[1].tolist() == [4, 5, 6]
+    assert batch.decode is None  # no one-token chunk
+    first, second = batch.prefills
+    assert (first.start, first.num_new, first.num_cached) == (0, 2, 3)
+    assert first.pages.tolist() == [[2, 0]] and second.pages.tolist() == [[1]]
+    assert first.mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert second.start == 2 and second.mask is None  # a fresh prompt: plain causal
+    mixed = ForwardBatch.build([SequenceChunk([2, 0], 6, 1), SequenceChunk([1], 0, 3), SequenceChunk([3], 1, 1)], BLOCK)
+    assert mixed.decode is not None and mixed.decode.rows.tolist() == [0, 4]  # decodes in one group, wherever they sit
+    assert mixed.decode.pages.tolist() == [[2, 0], [3, 3]]  # padded with a real page, masked out
+    inf = float("-inf")
+    assert mixed.decode.bias[0, :, 0].tolist() == [[0.0] * 7 + [inf], [0.0] * 2 + [inf] * 6]

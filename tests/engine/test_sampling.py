@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.engine.sampling import RequestSampler, SamplingParams
+from shared.engine.sampling import RequestSampler, SamplingParams, sample_batch
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,38 @@ def test_seed_and_step_determine_the_draw():
     assert draws(params) == draws(params)
     assert draws(params) != draws(SamplingParams(temperature=2.0, seed=12))
     assert draws(SamplingParams(temperature=2.0)) != draws(SamplingParams(temperature=2.0))  # unseeded: fresh seeds
+
+
+def test_logprobs_bounds():
+    assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=5).logprobs == 5
+    for bad in (-1, 6):
+        with pytest.raises(ValueError):
+            SamplingParams(logprobs=bad)
+
+
+def test_sample_batch_matches_each_row_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_k=5, seed=1),
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(top_p=0.8, seed=2, logprobs=0),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.3, seed=3),
+    ]
+    samplers = [RequestSampler(p) for p in params]
+    steps = [0, 4, 1, 9, 2, 0]
+    choices = sample_batch(logits, samplers, steps)
+    fresh = [RequestSampler(p) for p in params]
+    assert [c.token_id for c in choices] == [s.sample(row, step) for s, row, step in zip(fresh, logits, steps)]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for row, choice in enumerate(choices):
+        if params[row].logprobs is None:
+            assert choice.logprob is None and choice.top_logprobs == []
+            continue
+        assert choice.logprob == pytest.approx(float(logprobs[row, choice.token_id]))
+        top = torch.topk(logprobs[row], params[row].logprobs)
+        assert [t for t, _ in choice.top_logprobs] == top.indices.tolist()
+        assert [lp for _, lp in choice.top_logprobs] == pytest.approx(top.values.tolist())
+    assert choices[2].token_id == int(logits[2].argmax()) and choices[2].top_logprobs[0][0] == choices[2].token_id
