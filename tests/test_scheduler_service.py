@@ -13,6 +13,13 @@ from shared.subjects import Subjects
 SUBJECTS = Subjects("pdtest")
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
 def beat(worker_id: str, role: Role) -> Heartbeat:
     return Heartbeat(worker_id, role, "m", "fp", "127.0.0.1", 1, 0, 0, 100, 100, 0, 0.0)
 
@@ -26,7 +33,7 @@ async def test_two_schedulers_place_each_request_exactly_once(nats_server):
     for worker in (beat("p0", Role.PREFILL), beat("d0", Role.DECODE)):
         await client.publish(SUBJECTS.heartbeat(worker.role.label, worker.worker_id), protocol.encode(worker))
     await client.flush()
-    await asyncio.sleep(0.2)  # both schedulers saw both heartbeats
+    await until(lambda: all(len(s.registry.alive()) == 2 for s in schedulers))  # both saw both heartbeats
 
     replies = []
     inbox = client.new_inbox()
@@ -37,7 +44,8 @@ async def test_two_schedulers_place_each_request_exactly_once(nats_server):
     await client.subscribe(inbox, cb=collect)
     for i in range(20):
         await client.publish(SUBJECTS.place, protocol.encode(PlaceRequest(f"r{i}", "m", 10, 4)), reply=inbox)
-    await asyncio.sleep(0.5)
+    await until(lambda: len(replies) >= 20)
+    await asyncio.sleep(0.2)  # a duplicate answer, if any, would arrive now
 
     assert sorted(r.request_id for r in replies) == sorted(f"r{i}" for i in range(20))  # one answer each
     assert all(isinstance(r, Placement) for r in replies)

@@ -5,8 +5,10 @@ import sys
 import time
 
 import aiohttp
+import nats
 import pytest
 
+from services.admin.client import discover
 from shared import processes
 from shared.processes import free_port
 
@@ -44,10 +46,20 @@ async def test_no_scheduler_is_503_at_once(gateway):
     assert elapsed < 1.0
 
 
+async def wait_for_scheduler(nats_url: str, timeout: float = 60.0) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while not [s for s in await discover(nc, "pd", wait_s=0.2) if s["metadata"]["kind"] == "scheduler"]:
+            assert time.monotonic() < deadline, "the scheduler never came up"
+    finally:
+        await nc.close()
+
+
 async def test_no_worker_is_503_at_once(gateway, nats_server):
     scheduler = start_service("scheduler", "--nats", nats_server.url)
     try:
-        time.sleep(1.5)  # let it subscribe
+        await wait_for_scheduler(nats_server.url)
         status, body, elapsed = await timed_post(gateway)
     finally:
         processes.stop([scheduler])
