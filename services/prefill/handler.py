@@ -19,7 +19,7 @@ import torch
 from services.worker.context import WorkerContext, engine_sampling, finish_reason, wait_for_kv_room
 from services.worker.handoff import PendingDecode, outgoing_layout
 from shared import protocol
-from shared.engine.engine import KvCapacityError, TokenOutput
+from shared.engine.engine import TokenOutput
 from shared.layouts import parse_layout
 from shared.protocol import (
     ErrorCode,
