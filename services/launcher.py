@@ -53,17 +53,14 @@ class WorkerPlan:
 def _transfer_plan_summary(args: argparse.Namespace, mode: Mode) -> str | None:
     """Validates both layouts against the model (naming the flag) and describes the hand-off."""
     from shared.engine.loader import load_model_config
-    from shared.kv_spec import KvSpec
+    from shared.kv_spec import KvSpec, spec_of_model
     from shared.layouts import LayoutError, parse_layout, validate
     from shared.transfer_plan import plan_transfer
 
     config = load_model_config(args.model)
 
     def spec(block_size: int) -> KvSpec:
-        return KvSpec(
-            config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim,
-            page_size=block_size, num_experts=config.num_experts,
-        )
+        return spec_of_model(config, page_size=block_size)
 
     layouts = {}
     for flag, text, kind, block_size in (

@@ -111,6 +111,21 @@ _IDENTITY = (
 )
 
 
+def spec_of_model(config, *, dtype: torch.dtype = torch.float32, page_size: int = 16) -> KvSpec:
+    """The KV spec of a worker serving `config` (a ModelConfig) with this cache dtype and page size."""
+    return KvSpec(
+        model_fingerprint=config.fingerprint(),
+        num_layers=config.num_layers,
+        num_q_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=dtype,
+        page_size=page_size,
+        memory_layout="NHD",
+        num_experts=config.num_experts,
+    )
+
+
 def first_mismatch(src: KvSpec, dst: KvSpec, *, allow_dtype_cast: bool = True) -> tuple[str, str] | None:
     """`(field, message)` for the first reason `src` cannot hand KV to `dst`, else None."""
     for field, label in _IDENTITY:

@@ -16,7 +16,7 @@ import pytest
 
 from shared import processes
 from shared.engine.loader import load_model_config
-from shared.kv_spec import KvSpec
+from shared.kv_spec import KvSpec, spec_of_model
 from shared.layouts import parse_layout
 from shared.processes import free_port
 from shared.transfer_plan import plan_transfer
@@ -113,7 +113,7 @@ def expected_pairs(prefill_layout: str, decode_layout: str, prefill_block: int, 
     config = load_model_config(model)
 
     def spec(block: int) -> KvSpec:
-        return KvSpec(config.fingerprint(), config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, page_size=block)
+        return spec_of_model(config, page_size=block)
 
     plan = plan_transfer(parse_layout(prefill_layout, "prefill"), parse_layout(decode_layout, "decode"), spec(prefill_block), spec(decode_block))
     return len(plan.pairs)

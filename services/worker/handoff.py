@@ -14,7 +14,7 @@ from nats.aio.client import Client as NatsClient
 from shared import protocol
 from shared.engine.engine import Engine
 from shared.engine.loader import LoadedModel
-from shared.kv_spec import KvSpec
+from shared.kv_spec import KvSpec, spec_of_model
 from shared.layouts import Layout, PrefillLayout, parse_layout
 from shared.protocol import DecodeJob, HandoffReply, OfferReply, Role, Sampling, ServiceError, SessionOffer, SessionRefused
 from shared.session import KvSessionEngine, UcxKvTransport
@@ -26,18 +26,7 @@ _handoff_reply = protocol.decoder(HandoffReply)
 
 
 def kv_spec_of(model: LoadedModel, engine: Engine) -> KvSpec:
-    config = model.config
-    return KvSpec(
-        model_fingerprint=config.fingerprint(),
-        num_layers=config.num_layers,
-        num_q_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        dtype=engine.kv_dtype,
-        page_size=engine.block_size,
-        memory_layout="NHD",
-        num_experts=config.num_experts,
-    )
+    return spec_of_model(model.config, dtype=engine.kv_dtype, page_size=engine.block_size)
 
 
 def outgoing_layout(role: Role, layout: Layout) -> PrefillLayout:
