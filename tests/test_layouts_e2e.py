@@ -163,7 +163,12 @@ async def test_mismatched_dtype_is_refused_by_name(deployment, colocated_tokens)
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://127.0.0.1:{deployment.port}/v1/completions", json=body) as response:
                 status, reply = response.status, await response.json()
+        # Status comes from heartbeats (one a second): wait for a fresh one before judging.
+        deadline = time.monotonic() + 10
         status_d = admin(deployment.nats_url, "status")["workers"]
+        while any(w["kv_blocks_used"] for w in status_d) and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            status_d = admin(deployment.nats_url, "status")["workers"]
     finally:
         await asyncio.to_thread(deployment.retire, [procs[0], bf16], ["p-f32", "d-bf16"])
     assert status == 500
