@@ -16,13 +16,15 @@ torch, transformers and the engine are imported inside `run`: registering the CL
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 GOALS = {"prefill": 1.0, "decode_b1": 2.0, "decode_b32_vs_hf_b1": 10.0}
 
@@ -82,35 +84,49 @@ def run(args: argparse.Namespace) -> int:
     if hf is not None and hf.problem:
         print(f"transformers: {hf.problem}")
         hf = None
-    rows = [_measure(
-        "prefill", args.prompt_len, args.repeats,
-        lambda r: engine.prefill(_prompts(1, args.prompt_len, vocab, seed=r)[0]),
-        None if hf is None else lambda r: hf.prefill(_prompts(1, args.prompt_len, vocab, seed=r)[0]),
-    )]
+    sides: list[Side] = [engine] if hf is None else [engine, hf]
+    cases = [functools.partial(_prefill_run, side, args.prompt_len, vocab) for side in sides]
+    rows = [_measure("prefill", args.prompt_len, args.repeats, cases)]
     for batch in args.batch_sizes:
-        rows.append(_measure(
-            f"decode_b{batch}", batch * args.decode_steps, args.repeats,
-            lambda r, b=batch: engine.decode(_prompts(b, args.decode_prompt_len, vocab, seed=100 + r), args.decode_steps),
-            None if hf is None else lambda r, b=batch: hf.decode(_prompts(b, args.decode_prompt_len, vocab, seed=100 + r), args.decode_steps),
-        ))
+        cases = [functools.partial(_decode_run, side, batch, args.decode_prompt_len, args.decode_steps, vocab) for side in sides]
+        rows.append(_measure(f"decode_b{batch}", batch * args.decode_steps, args.repeats, cases))
     print(format_table(rows, args))
+    for warning in noise_warnings(rows):
+        print(warning)
     print(f"llama.cpp (llama-cpp-python): {_llama_cpp_row(args, vocab)}")
     if args.result_file:
         args.result_file.write_text(json.dumps(_result(rows, args), indent=2))
     return 0
 
 
-def _measure(name: str, tokens: int, repeats: int, ours: Callable[[int], float], theirs: Callable[[int], float] | None) -> Row:
-    """One unmeasured warm-up each, then `repeats` timed runs, ours and theirs alternating."""
-    ours(-1)
-    if theirs is not None:
-        theirs(-1)
-    row = Row(name, tokens, [], [])
+class Side(Protocol):
+    """One implementation under test; each call returns the seconds its timed part took."""
+
+    def prefill(self, prompt: list[int]) -> float: ...
+
+    def decode(self, prompts: list[list[int]], steps: int) -> float: ...
+
+
+Case = Callable[[int], float]  # run number (-1: warm-up) -> seconds
+
+
+def _prefill_run(side: Side, length: int, vocab: int, run: int) -> float:
+    return side.prefill(_prompts(1, length, vocab, seed=run)[0])
+
+
+def _decode_run(side: Side, batch: int, prompt_len: int, steps: int, vocab: int, run: int) -> float:
+    return side.decode(_prompts(batch, prompt_len, vocab, seed=100 + run), steps)
+
+
+def _measure(name: str, tokens: int, repeats: int, cases: Sequence[Case]) -> Row:
+    """One unmeasured warm-up each, then `repeats` timed runs; cases[0] ours, cases[1] (if any) transformers, alternating."""
+    for case in cases:
+        case(-1)
+    timings: list[list[float]] = [[] for _ in cases]
     for r in range(repeats):
-        row.engine_s.append(ours(r))
-        if theirs is not None:
-            row.hf_s.append(theirs(r))
-    return row
+        for case, seconds in zip(cases, timings):
+            seconds.append(case(r))
+    return Row(name, tokens, timings[0], timings[1] if len(timings) > 1 else [])
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -256,6 +272,19 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
             label = "decode, batch 32 vs transformers b1"
             lines.append(f"{label:<34}{row.engine_tps:>15.1f}{_fmt(hf_b1):>20}{_ratio(row.engine_tps, hf_b1):>9}   >= {GOALS['decode_b32_vs_hf_b1']:g}x")
     return "\n".join(lines)
+
+
+NOISY_SPREAD = 1.25  # slowest / fastest run of one case beyond which its median is suspect
+
+
+def noise_warnings(rows: list[Row]) -> list[str]:
+    """One line per case whose runs disagree a lot: on a shared machine a neighbour took the cores."""
+    warnings = []
+    for row in rows:
+        for side, runs in (("pdserve", row.engine_s), ("transformers", row.hf_s)):
+            if len(runs) > 1 and max(runs) / min(runs) > NOISY_SPREAD:
+                warnings.append(f"noisy: {row.name} {side} runs differ {max(runs) / min(runs):.1f}x (fastest {min(runs):.3f}s); rerun on a quiet machine")
+    return warnings
 
 
 def _fmt(value: float | None) -> str:

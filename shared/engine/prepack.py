@@ -52,7 +52,11 @@ def prepacked(model: nn.Module) -> nn.Module:
         return model
     twin = _packed_models.get(model)
     if twin is None:
-        twin = _packed_models[model] = _pack(model)
+        try:
+            twin = _pack(model)
+        except RuntimeError:  # a oneDNN build that refuses a shape or dtype: plain F.linear then
+            twin = model
+        _packed_models[model] = twin
     return twin
 
 

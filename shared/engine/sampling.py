@@ -82,11 +82,11 @@ class Choice:
 
 def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler], steps: Sequence[int]) -> list[Choice]:
     """One token per row: row i of logits `[R, vocab]` for `samplers[i]` at generated index `steps[i]`."""
-    tokens = _greedy_tokens(logits, samplers)
-    for row, (sampler, step) in enumerate(zip(samplers, steps)):
-        if tokens[row] is None:
-            tokens[row] = sampler.sample(logits[row], step)
-    choices = [Choice(token) for token in tokens]
+    greedy = _greedy_tokens(logits, samplers)
+    choices = [
+        Choice(greedy[row] if row in greedy else sampler.sample(logits[row], step))
+        for row, (sampler, step) in enumerate(zip(samplers, steps))
+    ]
     wanted = [row for row, sampler in enumerate(samplers) if sampler.params.logprobs is not None]
     if wanted:
         logprobs = torch.log_softmax(logits[wanted].float(), dim=-1)  # [W, vocab]
@@ -95,15 +95,13 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler], steps
     return choices
 
 
-def _greedy_tokens(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int | None]:
-    """The argmax of every greedy row (one op for all of them); None for the rows that sample."""
+def _greedy_tokens(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> dict[int, int]:
+    """row -> argmax, for every greedy row (one op for all of them)."""
     greedy = [row for row, sampler in enumerate(samplers) if sampler.params.greedy]
-    tokens: list[int | None] = [None] * len(samplers)
-    if greedy:
-        picked = logits.argmax(dim=-1) if len(greedy) == len(samplers) else logits[greedy].argmax(dim=-1)
-        for row, token in zip(greedy, picked.tolist()):
-            tokens[row] = token
-    return tokens
+    if not greedy:
+        return {}
+    picked = logits.argmax(dim=-1) if len(greedy) == len(samplers) else logits[greedy].argmax(dim=-1)
+    return dict(zip(greedy, picked.tolist()))
 
 
 def _with_logprobs(token_id: int, logprobs: torch.Tensor, num_top: int) -> Choice:
