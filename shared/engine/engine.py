@@ -94,6 +94,7 @@ class Engine:
         self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(scheduling or SchedulingConfig(), self.allocator, block_size)
+        self.last_step_prompt_tokens = 0  # prompt tokens the last step() ran: a worker's prefill rate
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class Engine:
         and decodes every running sequence once.
         """
         plan = self.scheduler.schedule()
+        self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.num_cached < c.seq.num_prompt_tokens)
         if not plan:
             return []
         sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
