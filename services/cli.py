@@ -36,6 +36,13 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-tokens", type=_positive_int, default=32768, help="KV cache budget in tokens")
     parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV page")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=None,
+        help="new tokens per engine step; longer prompts run in chunks (default: 2048 for prefill workers, 512 for decode/both)",
+    )
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one worker's running batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

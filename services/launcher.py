@@ -165,6 +165,8 @@ def run_stack(args: argparse.Namespace) -> int:
             + (["--dtype", args.dtype] if args.dtype else [])
             + (["--kv-dtype", args.kv_dtype] if args.kv_dtype else [])
             + ["--metrics-port", str(processes.free_port()), "--max-waiting", str(args.max_waiting)]
+            + ["--max-num-seqs", str(args.max_num_seqs)]
+            + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
     commands.append(
         base

@@ -62,6 +62,7 @@ class Sampling(_Msg):
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
 
 
 class ServiceError(_Msg, tag=0):
@@ -177,6 +178,14 @@ class TransferStats(_Msg):
     num_messages: int
 
 
+class TokenLogprob(_Msg):
+    """One generated token's log-probability and, when asked for, the most likely alternatives."""
+
+    logprob: float
+    top_ids: list[int] = []  # most likely first
+    top_logprobs: list[float] = []
+
+
 class TokenEvent(_Msg):
     """Tokens for the gateway. `finish_reason` is set on the last event of a request."""
 
@@ -186,6 +195,7 @@ class TokenEvent(_Msg):
     finish_reason: FinishReason | None = None
     error: str | None = None
     kv_transfer: TransferStats | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 class Heartbeat(_Msg):

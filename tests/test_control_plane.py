@@ -245,3 +245,27 @@ def test_loglevel_reaches_every_service(stack):
     )
     assert result.returncode != 0 and "chatty" in result.stderr
     admin("loglevel", "info", "--nats", stack.nats_url)
+
+
+async def test_step_token_budget_chunks_long_prompts():
+    """`--max-num-batched-tokens` reaches the workers: a long prompt runs in budget-sized chunks."""
+    running = start_stack("--model", MODEL, "--mode", "colocated", "--decode", "1", "--max-num-batched-tokens", "32")
+    try:
+        status, reply, _ = await complete(running.base_url, 200)
+        assert status == 200 and reply["usage"]["prompt_tokens"] == 200
+        worker = workers_by_id(running.nats_url)[reply["usage"]["pdserve"]["prefill_worker"]]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{worker['metrics_port']}/metrics") as response:
+                text = await response.text()
+        samples = {
+            (s.name, s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("pdserve_worker_step_prompt_tokens")
+        }
+        steps = samples[("pdserve_worker_step_prompt_tokens_count", None)]
+        assert samples[("pdserve_worker_step_prompt_tokens_sum", None)] == 200
+        assert steps >= 200 / 32
+        assert samples[("pdserve_worker_step_prompt_tokens_bucket", "32.0")] == steps  # no step above the budget
+    finally:
+        assert stop_stack_group(running.proc), "pdserve up left processes behind"

@@ -165,6 +165,11 @@ def test_cli_rejects_bad_flag_by_name():
     result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--port", "eighty"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "--port" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--max-num-batched-tokens", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "--max-num-batched-tokens" in result.stderr
 
 
 
@@ -181,3 +186,72 @@ async def test_stop_string_ends_the_request_early(stack):
     assert status == 200
     assert streamed == text[: text.index(stop)]
     assert reasons[-1] == "stop"
+
+
+def engine_logprobs(prompt_ids: list[int], max_tokens: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The same greedy request run in-process on one engine: (token, logprob, top) per generated token."""
+    from shared.engine.engine import Engine
+    from shared.engine.loader import load_model
+    from shared.engine.sampling import SamplingParams
+
+    engine = Engine(load_model(MODEL), kv_cache_tokens=4096)
+    engine.add_request("r", prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=top))
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+    return [(o.token_id, o.logprob, o.top_logprobs) for o in outputs]
+
+
+async def test_logprobs_match_the_engine_across_the_hand_off(stack):
+    body = CHAT | {"max_tokens": 6, "ignore_eos": True, "logprobs": True, "top_logprobs": 3, "return_token_ids": True}
+    status, reply, _ = await post(f"{stack.base_url}/chat/completions", body)
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert reply["usage"]["pdserve"]["path"] == "disagg"  # token 1 from the prefill worker, the rest from the decoder
+    assert len(content) == len(choice["token_ids"]) == 6
+
+    from shared.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": CHAT["messages"][0]["content"]}]))
+    expected = engine_logprobs(prompt_ids, 6, 3)
+    assert [token for token, _, _ in expected] == choice["token_ids"]
+    for entry, (token, logprob, top) in zip(content, expected):
+        assert entry["logprob"] == pytest.approx(logprob, abs=1e-4)
+        assert bytes(entry["bytes"]) == tokenizer.token_bytes(token)
+        assert [bytes(t["bytes"]) for t in entry["top_logprobs"]] == [tokenizer.token_bytes(i) for i, _ in top]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([lp for _, lp in top], abs=1e-4)
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])  # greedy: the most likely
+
+    status, text, _ = await post(f"{stack.base_url}/chat/completions", body | {"stream": True})
+    streamed = [e for event in sse_events(text)[:-1] for c in json.loads(event)["choices"] if c["logprobs"] for e in c["logprobs"]["content"]]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-6)
+
+
+async def test_completion_logprobs_legacy_shape(stack):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    status, reply, _ = await post(f"{stack.base_url}/completions", body)
+    assert status == 200, reply
+    logprobs = reply["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 5
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0 and all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], logprobs["tokens"]))
+    status, plain, _ = await post(f"{stack.base_url}/completions", body | {"logprobs": None})
+    assert plain["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("chat/completions", {"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+        ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("completions", {"logprobs": -1}, "logprobs"),
+    ],
+)
+async def test_bad_logprobs_are_a_400_naming_the_field(stack, path, extra, param):
+    base = CHAT if path.startswith("chat") else {"model": MODEL, "prompt": "hi"}
+    status, reply, _ = await post(f"{stack.base_url}/{path}", base | extra)
+    assert status == 400
+    assert reply["error"]["param"] == param

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from services.gateway.completion import Completion
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.logprobs import LogprobFormatter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.stop_strings import StopStrings
 from services.gateway.openai_schema import (
@@ -67,6 +68,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.started = int(time.time())
         self.in_flight: set[str] = set()
+        self.logprob_formatter = LogprobFormatter(tokenizer)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors])
@@ -135,6 +137,7 @@ class Gateway:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             stop_token_ids=list(body.stop_token_ids),
+            logprobs=body.requested_logprobs(),
         )
 
     async def _generate(self, request: web.Request, body, prompt_ids: list[int], chat: bool) -> web.StreamResponse:
@@ -170,6 +173,7 @@ class Gateway:
             hidden_token_ids=frozenset(self.tokenizer.eos_token_ids) | frozenset(sampling.stop_token_ids),
             return_token_ids=body.return_token_ids,
             stop_strings=stop_strings,
+            logprobs=self.logprob_formatter if sampling.logprobs is not None else None,
         )
         headers = {PATH_HEADER: dispatched.placement.path.label}
         events = timing.track(dispatched.events)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from services.gateway.logprobs import LogprobFormatter, ScoredToken
 from services.gateway.stop_strings import StopStrings
 from shared.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
 from shared.protocol import FinishReason, Placement, TokenEvent, TransferStats
@@ -32,18 +33,24 @@ class Completion:
     error: str | None = None
     kv_transfer: TransferStats | None = None
     stopped_by_string: bool = False  # the gateway ended it: workers must be told to stop
+    logprobs: LogprobFormatter | None = None  # set when the request asked for logprobs
+    scored: list[ScoredToken] = field(default_factory=list)  # visible tokens with their logprobs
 
     def __post_init__(self) -> None:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer)
         self._decoded = ""  # everything detokenized; `text` is the part shown so far
+        self._unsent_scored = 0  # scored tokens not yet in a chunk
+        self._sent_text_len = 0  # their text's length so far: the next chunk's first text_offset
 
     def absorb(self, event: TokenEvent) -> str:
         """Adds an event; returns the new visible text."""
         self.token_ids.extend(event.token_ids)
-        for token_id in event.token_ids:
+        for index, token_id in enumerate(event.token_ids):
             if event.finish_reason is FinishReason.STOP and token_id in self.hidden_token_ids:
                 continue  # the EOS / stop token ends the text, it is not part of it
             self._decoded += self._detokenizer.add(token_id)
+            if event.logprobs is not None and index < len(event.logprobs):
+                self.scored.append(ScoredToken(token_id, event.logprobs[index]))
         end, stopped = self.stop_strings.scan(self._decoded, len(self.text), final=event.finish_reason is not None)
         delta = self._decoded[len(self.text) : end]
         self.text += delta
@@ -89,15 +96,28 @@ class Completion:
     def _envelope(self, object_name: str) -> dict:
         return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
 
+    def _logprobs(self, start: int, text_offset: int = 0) -> dict | None:
+        # The OpenAI block for scored tokens from `start` on (None when the request did not ask).
+        if self.logprobs is None:
+            return None
+        tokens = self.scored[start:]
+        return self.logprobs.chat(tokens) if self.chat else self.logprobs.completion(tokens, text_offset)
+
     def chunk(self, delta: str, token_ids: list[int], first: bool = False, finish: bool = False) -> dict:
         reason = self.openai_finish_reason if finish else None
+        logprobs = None
+        if self._unsent_scored < len(self.scored):
+            logprobs = self._logprobs(self._unsent_scored, self._sent_text_len)
+            if not self.chat:
+                self._sent_text_len = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            self._unsent_scored = len(self.scored)
         if self.chat:
             message = {"content": delta}
             if first:
                 message = {"role": "assistant", "content": delta}
-            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": reason}
             return self._envelope("chat.completion.chunk") | {"choices": [self._with_ids(choice, token_ids)]}
-        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": reason}
         return self._envelope("text_completion") | {"choices": [self._with_ids(choice, token_ids)]}
 
     def usage_chunk(self) -> dict:
@@ -107,8 +127,8 @@ class Completion:
     def final(self) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": self.text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.openai_finish_reason}
+            choice = {"index": 0, "message": message, "logprobs": self._logprobs(0), "finish_reason": self.openai_finish_reason}
         else:
-            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.openai_finish_reason}
+            choice = {"index": 0, "text": self.text, "logprobs": self._logprobs(0), "finish_reason": self.openai_finish_reason}
         name = "chat.completion" if self.chat else "text_completion"
         return self._envelope(name) | {"choices": [self._with_ids(choice, self.token_ids)], "usage": self.usage()}

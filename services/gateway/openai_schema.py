@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+MAX_TOP_LOGPROBS = 5  # what the engine computes per token
 
 class ContentPart(msgspec.Struct):
     type: str
@@ -53,16 +54,37 @@ class _Common(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise RequestError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+            _check_top(self.top_logprobs, "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[int]
+    logprobs: int | None = None  # the legacy API: the k most likely alternatives per token
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        if self.logprobs is not None:
+            _check_top(self.logprobs, "logprobs")
+        return self.logprobs
+
+
+def _check_top(value: int, param: str) -> None:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise RequestError(400, f"{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param=param)
 
 
 class RequestError(Exception):

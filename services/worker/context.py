@@ -18,7 +18,8 @@ from shared.engine.loader import LoadedModel
 from shared.engine.sampling import SamplingParams
 from shared.session import KvSessionEngine
 from shared.layouts import Layout
-from shared.protocol import ErrorCode, FinishReason, Role, Sampling, ServiceError
+from shared.engine.engine import TokenOutput
+from shared.protocol import ErrorCode, FinishReason, PrefillJob, Role, Sampling, ServiceError, TokenLogprob
 from shared.subjects import Subjects
 
 
@@ -39,9 +40,24 @@ class WorkerContext:
     max_waiting: int = 64
     cancelled: Cancellations = field(default_factory=Cancellations)
     queued_prefill_tokens: int = 0
-    waiting: int = 0  # accepted jobs not yet decoding: queued prefills and hand-offs in flight
+    waiting: int = 0  # accepted jobs without their first token here yet: queued prompts, incoming hand-offs
     draining: bool = False
     rates: MeasuredRates = field(default_factory=MeasuredRates)
+    prefills: dict[str, PrefillJob] = field(default_factory=dict)  # accepted, first token not out yet
+
+    def expect_first_token(self, job: PrefillJob) -> None:
+        """Counts an accepted prefill job as waiting from now (so bursts see a full queue at once)."""
+        self.prefills[job.request_id] = job
+        self.waiting += 1
+        self.queued_prefill_tokens += len(job.prompt_ids)
+
+    def take_prefill(self, request_id: str) -> PrefillJob | None:
+        """The job, if its first token was still to come: it stops counting as waiting (once)."""
+        job = self.prefills.pop(request_id, None)
+        if job is not None:
+            self.waiting -= 1
+            self.queued_prefill_tokens -= len(job.prompt_ids)
+        return job
 
     def refusal(self) -> ServiceError | None:
         """Why a new job cannot be taken now, if it cannot."""
@@ -61,7 +77,16 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
         seed=sampling.seed,
         ignore_eos=sampling.ignore_eos,
         stop_token_ids=tuple(sampling.stop_token_ids),
+        logprobs=sampling.logprobs,
     )
+
+
+def token_logprobs(out: TokenOutput) -> list[TokenLogprob] | None:
+    """The wire form of a token's logprobs, or None when its request did not ask for them."""
+    if out.logprob is None:
+        return None
+    top_ids = [token for token, _ in out.top_logprobs]
+    return [TokenLogprob(out.logprob, top_ids, [logprob for _, logprob in out.top_logprobs])]
 
 
 def finish_reason(label: str | None) -> FinishReason | None:

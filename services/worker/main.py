@@ -12,7 +12,7 @@ import torch
 from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
 from shared.engine.dtypes import default_dtype, parse_dtype
-from shared.engine.engine import Engine
+from shared.engine.engine import Engine, SchedulingConfig
 from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.protocol import Role
@@ -20,6 +20,12 @@ from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
 STOP_TIMEOUT_S = 15.0
+
+# Tokens per engine step, by role, unless --max-num-batched-tokens says otherwise. A
+# prefill worker wants big batches (one pass takes a long prompt whole); a worker that
+# decodes keeps steps short, so a long prompt runs in chunks between decode steps instead
+# of stalling every stream beside it.
+DEFAULT_STEP_TOKENS = {Role.PREFILL: 2048, Role.DECODE: 512, Role.BOTH: 512}
 
 
 def resolve_ucx_host(value: str) -> str:
@@ -42,7 +48,12 @@ async def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype, device) if args.dtype else default_dtype(device)
     loaded = load_model(args.model, dtype=dtype, ep=layout.ep)
     kv_dtype = parse_dtype(args.kv_dtype, device) if args.kv_dtype else None
-    engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype)
+    scheduling = SchedulingConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_STEP_TOKENS[role],
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,  # the worker refuses first (429), so the engine's queue never overflows
+    )
+    engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype, scheduling=scheduling)
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
     service = WorkerService(
         nc,

@@ -1,10 +1,11 @@
-"""Worker metrics (Prometheus): KV hand-off traffic, re-shard time, KV use, queue depth."""
+"""Worker metrics (Prometheus): engine steps, KV hand-off traffic, re-shard time, KV use, queue depth."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class WorkerMetrics:
@@ -24,6 +25,14 @@ class WorkerMetrics:
         self.reshard_seconds = Histogram(
             "pdserve_worker_reshard_seconds", "Seconds to place received KV into the paged cache", names,
             buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "pdserve_worker_step_seconds", "Seconds per engine step (one forward pass)", names,
+            buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.step_prompt_tokens = Histogram(
+            "pdserve_worker_step_prompt_tokens", "Prompt tokens per engine step that ran any (several prompts, or chunks)",
+            names, buckets=_TOKEN_BUCKETS, registry=self.registry,
         )
         self.prefill_tokens = counter("pdserve_worker_prefill_tokens", "Prompt tokens prefilled")
         self.generated_tokens = counter("pdserve_worker_generated_tokens", "Tokens generated")

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from services.decode.handler import DecodeHandler
 from services.prefill.handler import PrefillHandler
 from services.scheduler.registry import HEARTBEAT_INTERVAL_S
-from services.worker.context import WorkerContext, finish_reason
+from services.worker.context import WorkerContext, finish_reason, token_logprobs
 from services.worker.engine_loop import EngineLoop
 from services.worker.handoff import kv_spec_of, parse_worker_layout, session_engine
 from services.worker.metrics import WorkerMetrics
@@ -27,7 +27,7 @@ from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
 from shared.layouts import Layout
-from shared.protocol import CancelRequest, Heartbeat, Role
+from shared.protocol import CancelRequest, FinishReason, Heartbeat, Role
 from shared.subjects import Subjects
 from shared.transport.ucx_kv import KvReceiver, KvSender
 
@@ -64,7 +64,7 @@ class WorkerService:
             worker_id=worker_id,
             role=role,
             model=model,
-            engine_loop=EngineLoop(engine, self._on_tokens),
+            engine_loop=EngineLoop(engine, self._on_tokens, self._on_step_failure, self._on_step),
             streams=TokenStreams(nc, worker_id),
             kv_dtype=engine.kv_dtype,
             metrics=WorkerMetrics(worker_id, role.label),
@@ -73,6 +73,9 @@ class WorkerService:
             sessions=sessions,
             announcer=announcer,
         )
+        # Every role takes prefill jobs: a decode worker prefills for itself when the
+        # scheduler decides a hand-off does not pay (auto mode).
+        self.prefill = PrefillHandler(self.ctx)
         self._on_drained = on_drained
         self._subscriptions = []
         self._tasks: list[asyncio.Task] = []
@@ -88,10 +91,7 @@ class WorkerService:
         await self.receiver.start()
         ctx.engine_loop.start()
         subjects = ctx.subjects
-        # Every role takes prefill jobs: a decode worker prefills for itself when the
-        # scheduler decides a hand-off does not pay (auto mode).
-        prefill = PrefillHandler(ctx)
-        self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=prefill.on_job))
+        self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=self.prefill.on_job))
         if ctx.role in (Role.DECODE, Role.BOTH):
             decode = DecodeHandler(ctx)
             self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=decode.on_job))
@@ -125,17 +125,40 @@ class WorkerService:
     async def _on_tokens(self, outputs: list[TokenOutput]) -> None:
         metrics = self.ctx.metrics
         metrics.labels(metrics.generated_tokens).inc(len(outputs))
+        finished = []
         for out in outputs:
+            if await self.prefill.on_first_token(out):
+                continue  # a hand-off's first token: published, its KV on its way
             reason = finish_reason(out.finish_reason)
-            await self.ctx.streams.publish(out.request_id, [out.token_id], reason)
+            await self.ctx.streams.publish(out.request_id, [out.token_id], reason, logprobs=token_logprobs(out))
             if reason is not None:
-                await self.ctx.engine_loop.call(self.engine.free, out.request_id)
+                finished.append(out.request_id)
+        if finished:
+            await self.ctx.engine_loop.call(self._free_all, finished)
+
+    def _free_all(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.free(request_id)
+
+    async def _on_step_failure(self, request_ids: list[str], error: str) -> None:
+        for request_id in request_ids:
+            if not await self.prefill.fail(request_id, error):
+                await self.ctx.streams.publish(request_id, [], FinishReason.ERROR, error=error)
+
+    def _on_step(self, prompt_tokens: int, seconds: float) -> None:
+        metrics = self.ctx.metrics
+        metrics.labels(metrics.step_seconds).observe(seconds)
+        if prompt_tokens:
+            self.ctx.rates.observe_prefill(prompt_tokens, seconds)
+            metrics.labels(metrics.prefill_tokens).inc(prompt_tokens)
+            metrics.labels(metrics.step_prompt_tokens).observe(prompt_tokens)
 
     async def cancel(self, request_id: str) -> bool:
         """Stops the request wherever it is on this worker; True if it held it."""
-        held = request_id in self.ctx.streams or self.engine.holds(request_id)
+        held = request_id in self.ctx.streams or request_id in self.ctx.prefills or self.engine.holds(request_id)
         self.ctx.streams.close(request_id)
         self.ctx.cancelled.add(request_id)
+        self.ctx.take_prefill(request_id)
         self.ctx.sessions.cancel(request_id)  # drops staged receives of a hand-off in flight
         await self.ctx.engine_loop.call(self.engine.abort, request_id)
         log.info("cancelled", request_id=request_id, held=held)
@@ -200,7 +223,7 @@ class WorkerService:
         return {"instance": self.ctx.worker_id, "draining": True}
 
     async def _finish_then_exit(self) -> None:
-        while self.ctx.waiting or self.engine.num_sequences:
+        while self.ctx.waiting or self.engine.has_unfinished or self.engine.num_sequences or self.prefill.num_handoffs_in_flight:
             await asyncio.sleep(0.1)
         log.info("drained")
         self._on_drained()

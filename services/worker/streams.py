@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NatsClient
 
 from shared import protocol
-from shared.protocol import FinishReason, TokenEvent, TransferStats
+from shared.protocol import FinishReason, TokenEvent, TokenLogprob, TransferStats
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TokenStreams:
         token_ids: list[int],
         finish: FinishReason | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         stream = self._active.get(request_id)
         if stream is None:
@@ -51,6 +52,7 @@ class TokenStreams:
             finish_reason=finish,
             error=error,
             kv_transfer=stream.kv_transfer if finish is not None else None,
+            logprobs=logprobs,
         )
         await self.nc.publish(stream.subject, protocol.encode(event))
         if finish is not None:

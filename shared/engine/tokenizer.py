@@ -63,6 +63,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {char: byte for byte, char in _bytes_to_unicode().items()}
+
+
 def _byte_level_vocab(tokens: Sequence[str]) -> dict[str, int]:
     """Token -> id; a token not spelled in the byte alphabet is respelled from its UTF-8 bytes (as HF does)."""
     spelling = _bytes_to_unicode()
@@ -126,6 +131,7 @@ class ChatTokenizer:
         self._template = _compile_chat_template(chat_template)
         self.bos_token_id = bos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
+        self._added_ids = frozenset(tokenizer.get_added_tokens_decoder())
         self._special_tokens = {
             "bos_token": "" if bos_token_id is None else (tokenizer.id_to_token(bos_token_id) or ""),
             "eos_token": tokenizer.id_to_token(self.eos_token_ids[0]) or "",
@@ -163,6 +169,15 @@ class ChatTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (a piece of a multi-byte character stays a piece)."""
+        spelled = self._tokenizer.id_to_token(token_id)
+        if spelled is None:
+            raise ValueError(f"token id {token_id} is not in the vocabulary")
+        if token_id in self._added_ids or type(self._tokenizer.decoder).__name__ != "ByteLevel":
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        return bytes(_unicode_to_byte()[char] for char in spelled)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ([{"role": ..., "content": ...}]); encode() it to get ids."""
