@@ -10,9 +10,12 @@ layers x heads sub-block of it. A request's token `p` lives in page
   pair, in the wire order of `shared.transfer_plan` (`[layer][K/V][token][head][dim]`).
 - `scatter_pair_buffers` (decoder side, the CPU serving path): buffers -> paged cache,
   handling head slicing/merging, page-size change, HND/NHD and dtype cast.
-  Both move rows with one `index_select` per layer, K/V and piece (see `_RowMap`), never
-  one copy per page; a nearly contiguous block table is instead a few strided `copy_`s
-  (see `page_views`).
+  The scatter goes layer by layer through a `LayerImage` (the layer's pages in request
+  order, small enough to stay in the CPU caches): the head merge/split is a sequential
+  strided copy into it, and the cache takes whole pages (`PageMap`). The gather is one
+  `index_select` of token rows per layer and K/V (`_SlotRows`). Pieces that already are
+  whole pages skip both. Non-contiguous caches take one strided copy per run of blocks
+  (`page_views`).
 - `reference_reshard` / `reference_shards`: obviously-correct token-by-token versions,
   the oracle for tests.
 """
@@ -23,15 +26,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from kernels.page_image import LayerImage, is_page_slab, read_piece, write_piece
+from kernels.page_map import BlockTable, PageMap, block_list, pages_needed  # noqa: F401  (BlockTable, pages_needed: re-exported)
 from shared.kv_spec import KvSpec
 from shared.layouts import Layout
 from shared.transfer_plan import PairPlan, Piece, TransferPlan
-
-BlockTable = Sequence[int] | torch.Tensor
-
-
-def pages_needed(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
 
 
 def check_cache(key: torch.Tensor, value: torch.Tensor, spec: KvSpec, what: str) -> None:
@@ -49,15 +48,6 @@ def page_ids(block_table: BlockTable, num_tokens: int, page_size: int, device: t
     return torch.tensor(block_list(block_table, num_tokens, page_size), dtype=torch.long, device=device)
 
 
-def block_list(block_table: BlockTable, num_tokens: int, page_size: int) -> list[int]:
-    """The block ids holding tokens [0, num_tokens), as Python ints."""
-    needed = pages_needed(num_tokens, page_size)
-    if len(block_table) < needed:
-        raise ValueError(f"block table has {len(block_table)} pages; {num_tokens} tokens of page size {page_size} need {needed}")
-    head = block_table[:needed]
-    return head.tolist() if isinstance(head, torch.Tensor) else [int(b) for b in head]
-
-
 def page_views(
     region: torch.Tensor, rows: torch.Tensor, blocks: list[int], page_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,9 +55,8 @@ def page_views(
 
     `region`: `[layers, blocks, page, heads, dim]` (a view of a paged cache);
     `rows`: `[layers, T, heads, dim]` token-major. A run of consecutive blocks is one
-    strided copy: the path for nearly contiguous block tables and non-contiguous caches;
-    shuffled tables go through `_RowMap` (one indexed copy per layer and K/V instead of
-    one copy per page).
+    strided copy: the path for caches that are not contiguous (contiguous ones move whole
+    pages through a `LayerImage`).
     """
     num_tokens = rows.shape[1]
     start = 0
@@ -85,79 +74,6 @@ def page_views(
             tail_start = first_token + full * page_size
             yield region[:, blocks[start] + full, :tail], rows[:, tail_start : tail_start + tail]
         start = stop
-
-
-# Scatter falls back to one `index_copy_` per layer and K/V when the sorted destination
-# rows break into more runs than this (a badly fragmented block table).
-_MAX_SCATTER_RUNS = 32
-# Block tables of at most this many runs of consecutive ids (e.g. a freshly allocated,
-# unfragmented request) take the strided `page_views` path: a few copies in all.
-_MAX_STRIDED_RUNS = 4
-
-
-class _RowMap:
-    """Where a piece's wire rows live in one layer of a paged cache.
-
-    A piece's slab for one layer and K/V is `[T, heads, dim]` contiguous. It is viewed as
-    2-D *wire rows*, and each layer of the cache as 2-D *cache rows* of the same width:
-
-    - NHD `[blocks, page, H, D]`: one row per token, `h * D` wide (the piece's heads of
-      slot `block * page + offset`; a strided view when the piece has a head subset);
-    - HND `[blocks, H, page, D]`: one row per (token, head), `D` wide, row
-      `(block * H + head) * page + offset` of the layer viewed `[blocks * H * page, D]`.
-
-    `index[i]` is the cache row of wire row `i`, so the gather is one `index_select` per
-    layer and K/V. For the scatter, the cache rows are sorted (`order`) and split into
-    runs of consecutive rows, so each run is one `index_select` of the wire rows straight
-    into a slice of the cache (much faster on CPU than `index_copy_`/`index_put_`).
-    """
-
-    def __init__(self, spec: KvSpec, num_blocks: int, blocks: torch.Tensor, num_tokens: int, heads: range, for_scatter: bool):
-        page, num_heads, dim = spec.page_size, spec.num_kv_heads, spec.head_dim
-        tokens = torch.arange(num_tokens, device=blocks.device)
-        slots = blocks[tokens // page] * page + tokens % page  # [T]
-        self.hnd = spec.memory_layout == "HND"
-        self.num_blocks, self.heads, self.dim = num_blocks, heads, dim
-        self.width = dim if self.hnd else len(heads) * dim
-        if self.hnd:
-            head_ids = torch.arange(heads.start, heads.stop, device=blocks.device)
-            block_of, offset = (slots // page)[:, None], (slots % page)[:, None]
-            self.index = ((block_of * num_heads + head_ids) * page + offset).reshape(-1)
-        else:
-            self.index = slots
-        self.runs: list[tuple[int, int, int]] | None = None
-        if for_scatter:
-            sorted_rows, self.order = torch.sort(self.index, stable=True)
-            breaks = (torch.nonzero(sorted_rows[1:] - sorted_rows[:-1] != 1).flatten() + 1).tolist()
-            if len(breaks) < _MAX_SCATTER_RUNS:
-                bounds = [0, *breaks, sorted_rows.numel()]
-                firsts = sorted_rows[bounds[:-1]].tolist() if len(bounds) > 1 else []
-                self.runs = [(bounds[i], bounds[i + 1], firsts[i]) for i in range(len(bounds) - 1)]
-
-    def cache_rows(self, cache_layer: torch.Tensor) -> torch.Tensor:
-        """Cache rows of one layer (`cache_layer` in the spec's layout, `[blocks, ...]`)."""
-        if self.hnd:
-            return cache_layer.reshape(-1, self.dim)  # a view: the layer is contiguous
-        rows = cache_layer.view(cache_layer.shape[0] * cache_layer.shape[1], -1)
-        return rows[:, self.heads.start * self.dim : self.heads.stop * self.dim]
-
-    def gather(self, cache_layer: torch.Tensor, out: torch.Tensor) -> None:
-        torch.index_select(self.cache_rows(cache_layer), 0, self.index, out=out.view(-1, self.width))
-
-    def scatter(self, src: torch.Tensor, cache_layer: torch.Tensor) -> None:
-        rows, wire = self.cache_rows(cache_layer), src.view(-1, self.width)
-        if self.runs is None:
-            rows.index_copy_(0, self.index, wire)
-            return
-        for first, stop, row in self.runs:
-            torch.index_select(wire, 0, self.order[first:stop], out=rows[row : row + stop - first])
-
-
-def _few_runs(blocks: list[int]) -> bool:
-    """True when the block table is at most `_MAX_STRIDED_RUNS` runs of consecutive ids, where
-    one strided `copy_` per run (`page_views`) beats the row-indexed path."""
-    breaks = sum(1 for a, b in zip(blocks, blocks[1:]) if b != a + 1)
-    return breaks < _MAX_STRIDED_RUNS
 
 
 def _layer_major(plan_pieces: list[tuple[Piece, torch.Tensor]]) -> list[int]:
@@ -214,8 +130,6 @@ def gather_pair_buffers(
     """
     spec = plan.src_spec
     check_cache(src_key, src_value, spec, "source cache")
-    blocks = block_list(block_table, num_tokens, spec.page_size)
-    caches = (_as_nhd(src_key, spec), _as_nhd(src_value, spec))
     if out is not None:
         _check_buffers(out, plan)
     buffers = []
@@ -225,7 +139,8 @@ def gather_pair_buffers(
         else:
             buffers.append(typed_buffer(out[index], pair, plan, num_tokens))
     work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(buffers, plan.pairs) for p in pair.pieces]
-    if _few_runs(blocks) or not (src_key.is_contiguous() and src_value.is_contiguous()):
+    if not (src_key.is_contiguous() and src_value.is_contiguous()):
+        blocks = block_list(block_table, num_tokens, spec.page_size)
         caches = (_as_nhd(src_key, spec), _as_nhd(src_value, spec))
         for piece, piece_rows in work:
             seg = piece.segment
@@ -234,30 +149,68 @@ def gather_pair_buffers(
                 for pages, rows in page_views(region, piece_rows[:, kv], blocks, spec.page_size):
                     rows.copy_(pages)
         return buffers
-    maps = _row_maps(work, spec, src_key, blocks, num_tokens, for_scatter=False)
-    # layer-major, then K/V, then piece: pieces reading the same layer (e.g. one head
-    # each) run back to back while that layer is still in the CPU caches
-    for layer in _layer_major(work):
+    page_map = PageMap(block_table, num_tokens, spec.page_size, src_key.device)
+    slot_rows: dict[range, _SlotRows] = {}
+    for layer, here in _by_layer(work):
         for kv, cache in enumerate((src_key, src_value)):
-            cache_layer = cache[layer]
-            for piece, piece_rows in work:
-                seg = piece.segment
-                if seg.layer_start <= layer < seg.layer_stop:
-                    maps[seg.head_start, seg.head_stop].gather(cache_layer, piece_rows[layer - seg.layer_start, kv])
+            for piece, piece_rows in here:
+                heads, rows = _heads(piece), piece_rows[layer - piece.segment.layer_start, kv]
+                if is_page_slab(spec, heads):
+                    read_piece(cache[layer], spec, page_map, heads, rows)
+                    continue
+                if heads not in slot_rows:
+                    slot_rows[heads] = _SlotRows(spec, page_map, heads)
+                slot_rows[heads].gather(cache[layer], rows)
     return buffers
 
 
-def _row_maps(
-    work: list[tuple[Piece, torch.Tensor]], spec: KvSpec, cache: torch.Tensor, blocks: list[int], num_tokens: int, for_scatter: bool
-) -> dict[tuple[int, int], _RowMap]:
-    """One `_RowMap` per distinct head range of the pieces."""
-    block_ids = torch.tensor(blocks, dtype=torch.long, device=cache.device)
-    maps: dict[tuple[int, int], _RowMap] = {}
-    for piece, _ in work:
-        heads = (piece.segment.head_start, piece.segment.head_stop)
-        if heads not in maps:
-            maps[heads] = _RowMap(spec, cache.shape[1], block_ids, num_tokens, range(*heads), for_scatter)
-    return maps
+class _SlotRows:
+    """Where a piece's wire rows live in one layer of a paged cache, for the gather.
+
+    The piece's `[T, heads, dim]` for one layer and K/V is viewed as 2-D wire rows, and the
+    cache layer as rows of the same width: NHD `[blocks, page, H, D]`, one row per token
+    slot (`h * D` of it: a strided view for a head subset); HND `[blocks, H, page, D]`,
+    one row per (token, head), `D` wide. `index[i]` is the cache row of wire row `i`, so
+    the gather is one `index_select` per layer and K/V, straight into the pair buffer (in
+    one pass, it beats going through a page image on the read side).
+    """
+
+    def __init__(self, spec: KvSpec, pages: PageMap, heads: range):
+        page, dim = spec.page_size, spec.head_dim
+        device = pages.full_blocks.device
+        blocks = pages.full_blocks if pages.tail_block is None else torch.cat(
+            [pages.full_blocks, torch.tensor([pages.tail_block], device=device)]
+        )
+        tokens = torch.arange(pages.num_full * page + pages.tail_tokens, device=device)
+        slots = blocks[tokens // page] * page + tokens % page  # [T]
+        self.hnd, self.heads, self.dim = spec.memory_layout == "HND", heads, dim
+        self.width = dim if self.hnd else len(heads) * dim
+        if self.hnd:
+            head_ids = torch.arange(heads.start, heads.stop, device=device)
+            block_of, offset = (slots // page)[:, None], (slots % page)[:, None]
+            self.index = ((block_of * spec.num_kv_heads + head_ids) * page + offset).reshape(-1)
+        else:
+            self.index = slots
+
+    def gather(self, cache_layer: torch.Tensor, out: torch.Tensor) -> None:
+        if self.hnd:
+            rows = cache_layer.view(-1, self.dim)
+        else:
+            rows = cache_layer.view(cache_layer.shape[0] * cache_layer.shape[1], -1)[:, self.heads.start * self.dim : self.heads.stop * self.dim]
+        torch.index_select(rows, 0, self.index, out=out.view(-1, self.width))
+
+
+def _heads(piece: Piece) -> range:
+    return range(piece.segment.head_start, piece.segment.head_stop)
+
+
+def _by_layer(work: list[tuple[Piece, torch.Tensor]]) -> list[tuple[int, list[tuple[Piece, torch.Tensor]]]]:
+    """Per layer touched, ascending: its pieces in plan order (so where pieces overlap, as
+    replicated heads do, the later one wins, as in a piece-by-piece copy)."""
+    return [
+        (layer, [(p, rows) for p, rows in work if p.segment.layer_start <= layer < p.segment.layer_stop])
+        for layer in _layer_major(work)
+    ]
 
 
 def slice_pair_buffers(kv: torch.Tensor, plan: TransferPlan) -> list[torch.Tensor]:
@@ -289,9 +242,9 @@ def scatter_pair_buffers(
     check_cache(dst_key, dst_value, spec, "destination cache")
     _check_buffers(buffers, plan)
     typed = [typed_buffer(b, pair, plan, num_tokens) for b, pair in zip(buffers, plan.pairs)]
-    blocks = block_list(dst_block_table, num_tokens, spec.page_size)
     work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(typed, plan.pairs) for p in pair.pieces]
-    if _few_runs(blocks) or not (dst_key.is_contiguous() and dst_value.is_contiguous()):
+    if not (dst_key.is_contiguous() and dst_value.is_contiguous()):
+        blocks = block_list(dst_block_table, num_tokens, spec.page_size)
         caches = (_as_nhd(dst_key, spec), _as_nhd(dst_value, spec))
         for piece, src in work:
             seg = piece.segment
@@ -300,19 +253,29 @@ def scatter_pair_buffers(
                 for pages, rows in page_views(region, src[:, kv], blocks, spec.page_size):
                     pages.copy_(rows)  # casts to the cache dtype
         return
-    maps = _row_maps(work, spec, dst_key, blocks, num_tokens, for_scatter=True)
-    # layer-major, then K/V, then piece (in plan order, so where pieces overlap — they
-    # should not — the later one still wins, as before)
-    for layer in _layer_major(work):
+    page_map = PageMap(dst_block_table, num_tokens, spec.page_size, dst_key.device)
+    image: LayerImage | None = None
+    for layer, here in _by_layer(work):
+        direct = all(src.dtype == spec.dtype and is_page_slab(spec, _heads(piece)) for piece, src in here)
+        covered = _covers_all_heads([_heads(piece) for piece, _ in here], spec.num_kv_heads)
         for kv, cache in enumerate((dst_key, dst_value)):
-            cache_layer = cache[layer]
-            for piece, src in work:
-                seg = piece.segment
-                if seg.layer_start <= layer < seg.layer_stop:
-                    rows = src[layer - seg.layer_start, kv]
-                    if rows.dtype != spec.dtype:
-                        rows = rows.to(spec.dtype)  # the cast, one layer at a time
-                    maps[seg.head_start, seg.head_stop].scatter(rows, cache_layer)
+            if direct:
+                for piece, src in here:
+                    write_piece(src[layer - piece.segment.layer_start, kv], _heads(piece), cache[layer], spec, page_map)
+                continue
+            image = image or LayerImage.empty(spec, num_tokens, dst_key.device)
+            if not covered:  # heads no piece brings keep what the cache holds
+                image.read_from(cache[layer], page_map)
+            for piece, src in here:
+                image.fill(src[layer - piece.segment.layer_start, kv], _heads(piece))
+            image.write_to(cache[layer], page_map)
+
+
+def _covers_all_heads(head_ranges: list[range], num_heads: int) -> bool:
+    covered: set[int] = set()
+    for heads in head_ranges:
+        covered.update(heads)
+    return len(covered) == num_heads
 
 
 def pair_buffers_to_shards(

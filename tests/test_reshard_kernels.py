@@ -182,3 +182,29 @@ def test_triton_wrapper_validates_its_inputs():
     assert "9 tokens need" in str(wrong_size.value)
     assert "equal strides" in str(strided.value)
     assert torch.all(key == SENTINEL)
+
+
+@pytest.mark.parametrize("memory_layout", ["NHD", "HND"])
+def test_scatter_into_a_fragmented_table_and_a_strided_cache_equals_the_reference(memory_layout):
+    # 90 shuffled pages break into far more runs than `PageMap.write` takes one copy each
+    # for (its index_copy_ fallback); a strided cache takes the per-run copies instead.
+    spec = KvSpec("m", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=4, page_size=2, memory_layout=memory_layout)
+    plan = plan_transfer(PrefillLayout(tp=2), DecoderLayout(), spec, spec)
+    rng, generator = random.Random(3), torch.Generator().manual_seed(3)
+    num_tokens = 179
+    src_table, src_blocks = block_table(num_tokens, spec.page_size, rng)
+    src_key, src_value = random_cache(spec, src_blocks, generator)
+    kv = read_dense(src_key, src_value, spec, src_table, num_tokens)
+    buffers = gather_pair_buffers(src_key, src_value, src_table, num_tokens, plan)
+    dst_table, dst_blocks = block_table(num_tokens, spec.page_size, rng)
+    want_key, want_value = sentinel_cache(spec, dst_blocks)
+    reference_reshard(kv, spec, want_key, want_value, dst_table)
+
+    got_key, got_value = sentinel_cache(spec, dst_blocks)
+    scatter_pair_buffers(buffers, plan, got_key, got_value, dst_table, num_tokens)
+    wide_key, wide_value = (torch.full((*t.shape[:-1], 2 * spec.head_dim), SENTINEL) for t in sentinel_cache(spec, dst_blocks))
+    strided_key, strided_value = wide_key[..., : spec.head_dim], wide_value[..., : spec.head_dim]
+    scatter_pair_buffers(buffers, plan, strided_key, strided_value, dst_table, num_tokens)
+
+    assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value)
+    assert torch.equal(strided_key, want_key) and torch.equal(strided_value, want_value)
