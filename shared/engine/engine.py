@@ -88,8 +88,8 @@ class Engine:
             raise ValueError(f"need 0 < block_size <= kv_cache_tokens, got {block_size} and {kv_cache_tokens}")
         self.loaded = loaded
         self.config = loaded.config
-        # The same weights, with CPU matmuls on pre-packed copies where that is faster (prepack.py).
-        self.model = prepacked(loaded.model)
+        # The same weights, with CPU matmuls on pre-packed copies or GGUF blocks where that is faster (prepack.py).
+        self.model = prepacked(loaded.model, loaded.block_weights)
         num_blocks = kv_cache_tokens // block_size
         self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype)
         self.allocator = BlockAllocator(num_blocks)

@@ -1,7 +1,8 @@
-"""Reading a llama.cpp GGUF file: metadata, the model config, and float tensors.
+"""Reading a llama.cpp GGUF file: metadata, the model config, float tensors and raw weight blocks.
 
 Opening a file parses its metadata only (about 0.7 s for SmolLM2, dominated by the
-tokenizer arrays); tensors stay memory-mapped until `tensor()` dequantizes one.
+tokenizer arrays); tensors stay memory-mapped until `tensor()` dequantizes one, or
+`block_weights()` copies the blocks of those stored in a format the engine computes on.
 Architectures: `llama`, `qwen3` and `qwen3moe` (GGUF_ARCHITECTURES).
 """
 
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from shared.engine.block_weights import BlockFormat, BlockWeight
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
 
@@ -46,6 +48,7 @@ _LAYER_NAMES = {
 }
 # llama.cpp's converter permutes the rows of llama's Q and K (weights and biases) for its RoPE.
 _PERMUTED = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.q_proj.bias", "attn.k_proj.bias")
+_BLOCK_FORMATS = {GGMLQuantizationType.Q4_1: BlockFormat.Q4_1, GGMLQuantizationType.Q8_0: BlockFormat.Q8_0}
 _TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
@@ -166,6 +169,23 @@ class GgufFile:
             # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
             weights[ours] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
         return weights
+
+    def block_weights(self, config: ModelConfig, names: list[str]) -> dict[str, BlockWeight]:
+        """The raw blocks of those of `names` (2-D weights) stored as Q4_1 or Q8_0; the others are left out.
+
+        Rows are un-permuted like `state_dict`'s, so each equals its dense tensor dequantized.
+        """
+        blocks = {}
+        for ours in names:
+            info = self._tensors[gguf_tensor_name(ours)]
+            block_format = _BLOCK_FORMATS.get(info.tensor_type)
+            if block_format is None or len(info.shape) != 2:
+                continue
+            rows = info.data  # uint8 [out, in / 32 * block_bytes], a view of the file
+            if config.architecture == "llama" and ours.endswith(_PERMUTED):
+                rows = unpermute_rope_rows(rows, config.num_heads if ".q_proj" in ours else config.num_kv_heads)
+            blocks[ours] = BlockWeight(block_format, torch.from_numpy(np.array(rows, order="C")), int(info.shape[0]))
+        return blocks
 
 
 def gguf_tensor_name(ours: str) -> str:

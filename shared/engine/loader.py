@@ -5,28 +5,38 @@
     load_tokenizer(name_or_path)                          (in tokenizer.py, also metadata only)
 
 Where the weights come from (`presets.resolve_source`):
-- GGUF file: dequantized once, then read from the converted cache (weight_cache.py);
+- GGUF file: dequantized once, then read from the converted cache (weight_cache.py); for
+  float32, the linears' Q4_1/Q8_0 blocks are kept too (`LoadedModel.block_weights`), checked
+  to dequantize to exactly the dense weights, for the engine's decode matmuls (prepack.py);
 - HF folder: safetensors read and renamed (hf_checkpoint.py);
 - random preset: drawn from a fixed seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import torch
+from torch import nn
+
+from shared.engine.block_weights import BlockWeight
 
 from shared.engine.config import ModelConfig
 from shared.engine.dtypes import parse_dtype
 from shared.engine.gguf_file import GgufFile
 from shared.engine.hf_checkpoint import HfCheckpoint
 from shared.engine.model import CausalLM
+from shared.engine.moe import SparseMoeBlock
 from shared.engine.presets import GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
 from shared.engine.tokenizer import ChatTokenizer, tokenizer_for
 from shared.engine.weight_cache import WeightCache
 
 __all__ = ["LoadedModel", "list_models", "load_model", "load_model_config", "random_weights"]
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class LoadedModel:
     config: ModelConfig
     model: CausalLM
     tokenizer: ChatTokenizer
+    # The linears' weights also in GGUF blocks, by parameter name, each exactly its dense float32 tensor.
+    block_weights: Mapping[str, BlockWeight] = field(default_factory=dict)
 
 
 def load_model(
@@ -53,6 +65,7 @@ def load_model(
     """
     dtype = parse_dtype(dtype)
     source = resolve_source(name)
+    block_weights: dict[str, BlockWeight] = {}
     match source:
         case GgufSource(path=path):
             gguf = GgufFile(path)
@@ -60,6 +73,8 @@ def load_model(
             tokenizer = ChatTokenizer.from_gguf(gguf)
             cache = weight_cache if weight_cache is not None else WeightCache()
             weights = cache.load_or_convert(path, dtype, parameter_shapes(config), lambda: gguf.state_dict(config))
+            if dtype == torch.float32:
+                block_weights = exact_block_weights(gguf.block_weights(config, linear_weight_names(config)), weights)
         case HfFolderSource(path=path):
             checkpoint = HfCheckpoint(path)
             config = checkpoint.model_config()
@@ -70,7 +85,7 @@ def load_model(
             weights = {key: tensor.to(dtype) for key, tensor in random_weights(config, seed, std).items()}
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{name}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
-    return LoadedModel(str(name), config, CausalLM.from_state_dict(config, weights, ep=ep), tokenizer)
+    return LoadedModel(str(name), config, CausalLM.from_state_dict(config, weights, ep=ep), tokenizer, block_weights)
 
 
 def load_model_config(name: str | Path) -> ModelConfig:
@@ -82,6 +97,31 @@ def load_model_config(name: str | Path) -> ModelConfig:
             return HfCheckpoint(path).model_config()
         case RandomSource(config=config):
             return config
+
+
+def linear_weight_names(config: ModelConfig) -> list[str]:
+    """The weights the engine's linears multiply by: every dense nn.Linear's, and the embedding when it is the LM head."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    names = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, SparseMoeBlock):
+            continue  # its router stays a plain linear (the engine shares MoE blocks unchanged)
+        names += [f"{parent_name}.{name}.weight".lstrip(".") for name, child in parent.named_children() if type(child) is nn.Linear]
+    return names + (["embed_tokens.weight"] if config.tie_word_embeddings else [])
+
+
+# Rows checked per weight at load: 1 in 16 costs ~0.1 s for smollm2 (every row: 2 s); a
+# wrong file, format or row order shows on nearly every row. Tests check every row.
+_CHECKED_ROW_STEP = 16
+
+
+def exact_block_weights(blocks: dict[str, BlockWeight], dense: Mapping[str, torch.Tensor]) -> dict[str, BlockWeight]:
+    """Those of `blocks` that dequantize to exactly their dense tensor (all of them, unless the dense copy is not the GGUF's)."""
+    exact = {name: weight for name, weight in blocks.items() if weight.matches(dense[name], _CHECKED_ROW_STEP)}
+    if len(exact) < len(blocks):
+        log.warning("block_weights_inexact", dropped=sorted(blocks.keys() - exact.keys())[:5], count=len(blocks) - len(exact))
+    return exact
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:

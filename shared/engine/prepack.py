@@ -1,27 +1,41 @@
-"""CPU matmuls on weights pre-packed for oneDNN: the engine's view of a model, same weights, faster linears.
+"""The engine's view of a model: same weights, faster CPU linears.
 
 A decode step is a chain of matrix-vector products, bound by how fast weights stream
-from memory. `F.linear` on a row-major `[out, in]` float32 weight reads it at about half
-the bandwidth oneDNN reaches on the same weight reordered once into its blocked layout
-(measured on the 2-core AVX-512 dev box: 11 vs 25 GB/s for the LM head), and prefill
-matmuls gain too. So the engine runs a copy of the model whose `nn.Linear` layers (and
-tied LM head) hold packed weights.
+from memory. Two ways to move fewer or faster bytes, each a twin of the model whose
+`nn.Linear` layers (and tied LM head) are replaced:
+- dense twin: weights pre-packed for oneDNN. `F.linear` on a row-major `[out, in]`
+  float32 weight reads it at about half the bandwidth oneDNN reaches on the same weight
+  reordered once into its blocked layout (measured on the 2-core dev box: 11 vs 25 GB/s
+  for the LM head), and prefill matmuls gain too. Results match `F.linear` to float32
+  rounding, not bit for bit. Applies to float32 CPU models when PyTorch has oneDNN.
+- block twin (GGUF models): the dense twin, plus each linear's weights in their GGUF
+  blocks (Q4_1/Q8_0, block_weights.py) for batches of up to BLOCK_PATH_MAX_ROWS rows,
+  where streaming 5x fewer bytes wins; the kernel expands blocks to the very same float32
+  values and computes in float32 (block_matmul.c). Larger batches (prefill) take the
+  dense path. Applies when the kernel builds on this machine (AVX2 and a C compiler).
 
-The copy shares everything else with the original: the module tree is copied only down
+Each twin shares everything else with the original: the module tree is copied only down
 to the modules that own parameters other than through `nn.Linear` (norms, embedding,
 MoE blocks), which are the original objects, so a later `set_ep` on the loaded model
-reaches the engine too. Packing applies to float32 CPU models when PyTorch has oneDNN;
-otherwise the original model is used as is. Packed results match `F.linear` to float32
-rounding, not bit for bit. Memory: the packed weights are a second copy of the linears'.
+reaches the engine too. Memory: the packed weights are a second copy of the linears',
+the blocks a further ~1/5 of that.
 """
 
 from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from shared.engine.block_matmul import BlockKernel, default_kernel
+from shared.engine.block_weights import BlockWeight
+
+# Rows (tokens) up to which the block kernel beats the packed dense matmul on smollm2-135m
+# (2-core AVX2 box); above it the dense weights' higher arithmetic rate wins.
+BLOCK_PATH_MAX_ROWS = 8
 
 
 def packing_available() -> bool:
@@ -43,39 +57,82 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-_packed_models: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+class BlockLinear(nn.Module):
+    """y = x W^T + b: W's GGUF blocks for up to `max_rows` rows of x, else `dense` (the same W in float32)."""
+
+    def __init__(self, weight: BlockWeight, dense: nn.Module, kernel: BlockKernel, max_rows: int = BLOCK_PATH_MAX_ROWS):
+        super().__init__()
+        self.weight_blocks = weight
+        self.dense = dense
+        self.max_rows = max_rows
+        self._block_matmul = kernel.bind(weight)
+        self._in_features, self._out_features = weight.in_features, weight.out_features
+        bias = getattr(dense, "bias", None)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        flat = x if x.dim() == 2 else x.reshape(-1, self._in_features)  # [M, in]
+        if flat.shape[0] > self.max_rows or x.dtype != torch.float32:
+            return self.dense(x)
+        y = self._block_matmul(flat)
+        if self.bias is not None:
+            y += self.bias
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self._out_features)
 
 
-def prepacked(model: nn.Module) -> nn.Module:
-    """`model` itself when packing does not apply, else its packed twin (built once per model)."""
-    if not _applies(model):
+# model -> {uses blocks: twin}
+_twins: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def prepacked(model: nn.Module, block_weights: Mapping[str, BlockWeight] | None = None) -> nn.Module:
+    """The model's fastest twin (built once per model and kind); `model` itself when nothing applies.
+
+    `block_weights`: GGUF blocks of the linears' weights by parameter name (`LoadedModel.block_weights`);
+    none or empty gives the dense twin.
+    """
+    twins = _twins.setdefault(model, {})
+    if False not in twins:
+        twins[False] = _dense_twin(model)
+    kernel = default_kernel() if block_weights and _is_float32_cpu(model) else None
+    if kernel is None:
+        return twins[False]
+    if True not in twins:
+        twins[True] = _block_twin(model, twins[False], block_weights or {}, kernel)
+    return twins[True]
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    if not (packing_available() and _is_float32_cpu(model)):
         return model
-    twin = _packed_models.get(model)
-    if twin is None:
-        try:
-            twin = _pack(model)
-        except RuntimeError:  # a oneDNN build that refuses a shape or dtype: plain F.linear then
-            twin = model
-        _packed_models[model] = twin
-    return twin
+    try:
+        return _pack(model)
+    except RuntimeError:  # a oneDNN build that refuses a shape or dtype: plain F.linear then
+        return model
 
 
-def _applies(model: nn.Module) -> bool:
+def _is_float32_cpu(model: nn.Module) -> bool:
     params = list(model.parameters())
-    return packing_available() and bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+def _shallow_twin(model: nn.Module, keep: type[nn.Module]) -> nn.Module:
+    """A copy of `model` whose containers and `keep` modules are new; tensors and other parameter owners are shared."""
+    # deepcopy's memo maps an object to its copy: mapping tensors and parameter-owning
+    # modules to themselves shares them, so only containers and `keep` modules are copied.
+    memo: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        if not isinstance(module, keep) and any(True for _ in module.parameters(recurse=False)):
+            memo[id(module)] = module
+    return copy.deepcopy(model, memo)
 
 
 def _pack(model: nn.Module) -> nn.Module:
-    # deepcopy's memo maps an object to its copy: mapping tensors and parameter-owning
-    # modules to themselves shares them, so only containers and nn.Linear are copied.
-    memo: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    for module in model.modules():
-        if not isinstance(module, nn.Linear) and any(True for _ in module.parameters(recurse=False)):
-            memo[id(module)] = module
-    twin = copy.deepcopy(model, memo)
+    twin = _shallow_twin(model, nn.Linear)
+    originals = set(map(id, model.modules()))
     with torch.no_grad():
         for parent in list(twin.modules()):
-            if parent is not twin and memo.get(id(parent)) is parent:
+            if parent is not twin and id(parent) in originals:
                 continue  # shared with the original: left untouched
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
@@ -84,3 +141,29 @@ def _pack(model: nn.Module) -> nn.Module:
         if getattr(twin, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
             twin.lm_head = PackedLinear(embedding.weight)  # the tied head, packed like the rest
     return twin.eval()
+
+
+def _block_twin(model: nn.Module, dense_twin: nn.Module, block_weights: Mapping[str, BlockWeight], kernel: BlockKernel) -> nn.Module:
+    """A twin whose linears with blocks are BlockLinears, falling back to the dense twin's module at the same path."""
+    twin = _shallow_twin(model, nn.Linear)
+    originals = set(map(id, model.modules()))
+    for path, parent in list(twin.named_modules()):
+        if parent is not twin and id(parent) in originals:
+            continue  # shared with the original: left untouched
+        for name, child in list(parent.named_children()):
+            qualified = f"{path}.{name}" if path else name
+            weight = block_weights.get(f"{qualified}.weight")
+            if type(child) is nn.Linear and weight is not None:
+                setattr(parent, name, BlockLinear(weight, dense_twin.get_submodule(qualified), kernel))
+    tied = block_weights.get("embed_tokens.weight")
+    if tied is not None and getattr(twin, "lm_head", "absent") is None:
+        twin.lm_head = BlockLinear(tied, getattr(dense_twin, "lm_head", None) or _linear_over(twin.embed_tokens.weight), kernel)
+    return twin.eval()
+
+
+def _linear_over(weight: nn.Parameter) -> nn.Linear:
+    """An nn.Linear whose weight is `weight` itself (the tied head when there is no packed one)."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = weight
+    return linear
