@@ -123,22 +123,26 @@ def gather_pair_buffers(
     num_tokens: int,
     plan: TransferPlan,
     out: Sequence[torch.Tensor] | None = None,
+    pairs: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Prefill side: one contiguous 1-D buffer (source dtype) per pair of `plan`.
 
-    `out` (optional, e.g. from a staging pool) supplies the buffers; otherwise new ones are allocated.
+    `pairs` (optional) picks which of `plan.pairs` to gather, by index (default: all); the
+    result follows its order. `out` (optional, e.g. from a staging pool, in the same order)
+    supplies the buffers; otherwise new ones are allocated.
     """
     spec = plan.src_spec
     check_cache(src_key, src_value, spec, "source cache")
-    if out is not None:
-        _check_buffers(out, plan)
+    chosen = [plan.pairs[i] for i in (range(len(plan.pairs)) if pairs is None else pairs)]
+    if out is not None and len(out) != len(chosen):
+        raise ValueError(f"{len(out)} out buffers for {len(chosen)} pairs")
     buffers = []
-    for index, pair in enumerate(plan.pairs):
+    for index, pair in enumerate(chosen):
         if out is None:
             buffers.append(torch.empty(pair.numel(num_tokens), dtype=spec.dtype, device=src_key.device))
         else:
             buffers.append(typed_buffer(out[index], pair, plan, num_tokens))
-    work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(buffers, plan.pairs) for p in pair.pieces]
+    work = [(p, piece_view(b, p, num_tokens)) for b, pair in zip(buffers, chosen) for p in pair.pieces]
     if not (src_key.is_contiguous() and src_value.is_contiguous()):
         blocks = block_list(block_table, num_tokens, spec.page_size)
         caches = (_as_nhd(src_key, spec), _as_nhd(src_value, spec))
@@ -215,18 +219,42 @@ def _by_layer(work: list[tuple[Piece, torch.Tensor]]) -> list[tuple[int, list[tu
 
 def slice_pair_buffers(kv: torch.Tensor, plan: TransferPlan) -> list[torch.Tensor]:
     """Prefill side from exported KV `[L, 2, T, H, D]`: the same buffers as `gather_pair_buffers`."""
+    return [slice_pair_buffer(kv, plan, index) for index in range(len(plan.pairs))]
+
+
+def pair_slab(kv: torch.Tensor, plan: TransferPlan, index: int) -> torch.Tensor | None:
+    """Pair `index`'s buffer as a 1-D view of exported KV `[L, 2, T, H, D]` when it is one
+    contiguous slab of it (one piece with every head of a run of layers), else None."""
+    pair = plan.pairs[index]
+    if len(pair.pieces) != 1:
+        return None
+    seg = pair.pieces[0].segment
+    part = kv[seg.layer_start : seg.layer_stop, :, :, seg.head_start : seg.head_stop]
+    return part.view(-1) if part.is_contiguous() else None
+
+
+def slice_pair_buffer(kv: torch.Tensor, plan: TransferPlan, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pair `index`'s buffer from exported KV `[L, 2, T, H, D]`, 1-D in the source dtype.
+
+    A pair that is one contiguous slab of `kv` (every head of a run of layers) comes back
+    as a view, with no copy; otherwise it is copied into `out` (raw bytes or typed; e.g.
+    from a staging pool) or a new buffer.
+    """
     spec = plan.src_spec
     expected = (spec.num_layers, 2, kv.shape[2], spec.num_kv_heads, spec.head_dim)
     if kv.dim() != 5 or tuple(kv.shape) != expected or kv.dtype != spec.dtype:
         raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not match the source spec {expected} {spec.dtype}")
-    buffers = []
-    for pair in plan.pairs:
-        parts = [
-            kv[p.segment.layer_start : p.segment.layer_stop, :, :, p.segment.head_start : p.segment.head_stop].reshape(-1)
-            for p in pair.pieces
-        ]
-        buffers.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts))
-    return buffers
+    slab = pair_slab(kv, plan, index)
+    if slab is not None:
+        return slab
+    pair, num_tokens = plan.pairs[index], kv.shape[2]
+    parts = [kv[p.segment.layer_start : p.segment.layer_stop, :, :, p.segment.head_start : p.segment.head_stop] for p in pair.pieces]
+    if out is None:
+        return parts[0].contiguous().view(-1) if len(parts) == 1 else torch.cat([part.reshape(-1) for part in parts])
+    flat = typed_buffer(out, pair, plan, num_tokens)
+    for piece, part in zip(pair.pieces, parts):
+        piece_view(flat, piece, num_tokens).copy_(part)
+    return flat
 
 
 def scatter_pair_buffers(

@@ -52,9 +52,12 @@ class RecordingTransport:
 
     async def send(self, peer, segments, buffers):
         self.sends.append((peer, list(segments)))
-        for index, (segment, buffer) in enumerate(zip(segments, buffers)):
+        index = 0
+        async for buffer in buffers:
             data = buffer.reshape(-1).view(torch.uint8).clone()
-            self.wire.slot(segment.tag).set_result(self.mangle(index, data))
+            self.wire.slot(segments[index].tag).set_result(self.mangle(index, data))
+            index += 1
+        assert index == len(segments)
         return TransferStats(sum(s.nbytes for s in segments), 0.0, len(segments))
 
     async def receive(self, segments, timeout):
@@ -283,3 +286,25 @@ async def test_push_over_real_ucx_tp4_to_dp2_tp2():
     pulled.write_into(got_key, got_value, [4, 1, 5, 0, 2])
     reference_reshard(kv, dst_spec, want_key, want_value, [4, 1, 5, 0, 2])
     assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value)
+
+
+async def test_pushes_gather_into_reused_staging_and_send_whole_slabs_in_place():
+    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(tp=2), SPEC, DecoderLayout())
+    for session_id in ("req-a", "req-b"):  # the second push reuses the first one's staging buffers
+        await prefill.create_session(session_id, layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 9), target_layout=DecoderLayout())
+        idle = prefill.staging.idle_bytes
+        assert torch.equal((await decoder.pull(session_id)).dense(), random_kv(SPEC, 9))
+    assert idle == 2 << 20 and len(prefill.staging._idle) == 2  # two head-sliced pairs, two pooled buffers
+
+    # pp=2 -> pp=1: each pair is every head of a run of layers, one contiguous slab of the KV
+    slabs, decoder, _ = make_pair(SPEC, PrefillLayout(pp=3), SPEC, DecoderLayout())
+    await slabs.create_session("req-c", layout=PrefillLayout(pp=3)).push(random_kv(SPEC, 9), target_layout=DecoderLayout())
+    assert slabs.staging.idle_bytes == 0 and slabs.transport.num_messages == 3
+    assert torch.equal((await decoder.pull("req-c")).dense(), random_kv(SPEC, 9))
+
+
+async def test_a_refused_push_gives_its_staging_back():
+    prefill, _, _ = make_pair(SPEC, PrefillLayout(tp=2), MISMATCHES["head_dim"], DecoderLayout(tp=2))
+    with pytest.raises(IncompatibleKvError):
+        await prefill.create_session("req-r", layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 5), target_layout=DecoderLayout(tp=2))
+    assert prefill.staging._lent == {}

@@ -1,4 +1,4 @@
-"""KV bytes over real UCX (ucxx over TCP/shared memory on this CPU host)."""
+"""KV bytes over real UCX (ucxx over TCP/shared memory on this CPU host), and the host buffers they use."""
 
 import asyncio
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from shared.protocol import KvSegment
+from shared.transport.host_memory import HUGE_PAGE, host_buffer
+from shared.transport.staging_pool import StagingPool
 from shared.transport.ucx_kv import KvReceiver, KvSender, segment_tag
 
 
@@ -43,3 +45,62 @@ async def test_receive_times_out_instead_of_hanging():
 def test_segment_tags_differ_per_session_and_rank_pair():
     tags = {segment_tag(s, a, b) for s in ("a", "b") for a in range(3) for b in range(3)}
     assert len(tags) == 18
+
+
+async def test_buffers_go_out_as_an_async_iterable_yields_them():
+    receiver = KvReceiver()
+    await receiver.start()
+    sender = KvSender()
+    tensors = [torch.randn(4096) for _ in range(3)]
+    segments = [KvSegment(i, 0, segment_tag("req-pipe", i, 0), t.numel() * 4) for i, t in enumerate(tensors)]
+
+    async def gathered_one_by_one():
+        for tensor in tensors:
+            await asyncio.sleep(0.01)  # a gather in progress
+            yield tensor
+
+    try:
+        receiving = asyncio.create_task(receiver.receive(segments, timeout=30))
+        sent = await sender.send("127.0.0.1", receiver.port, segments, gathered_one_by_one())
+        buffers, _ = await receiving
+    finally:
+        await sender.close()
+        await receiver.close()
+    assert sent.num_messages == 3
+    assert all(torch.equal(b.view(torch.float32), t) for b, t in zip(buffers, tensors))
+
+
+async def test_a_send_with_fewer_buffers_than_segments_fails():
+    receiver = KvReceiver()
+    await receiver.start()
+    sender = KvSender()
+    segments = [KvSegment(i, 0, segment_tag("req-short", i, 0), 16) for i in range(2)]
+    try:
+        with pytest.raises(ValueError) as caught:
+            await sender.send("127.0.0.1", receiver.port, segments, [torch.zeros(4)])
+    finally:
+        await sender.close()
+        await receiver.close()
+    assert "1 buffers for 2 segments" in str(caught.value)
+
+
+def test_staging_pool_reuses_buffers_of_near_sizes_and_bounds_idle_memory():
+    pool = StagingPool(max_idle_bytes=3 << 20)
+    first = pool.take(1000)
+    first.fill_(7)
+    pool.give_back(first)
+    pool.give_back(first)  # twice: ignored
+    again = pool.take(1500)  # fits the same 1 MiB buffer
+    assert again.data_ptr() == first.data_ptr() and again.numel() == 1500
+    assert pool.idle_bytes == 0
+    big = [pool.take(2 << 20) for _ in range(2)]
+    for buffer in [again, *big]:
+        pool.give_back(buffer)
+    assert pool.idle_bytes == 2 << 20  # the oldest went beyond the bound
+
+
+def test_large_host_buffers_are_huge_page_aligned():
+    buffer = host_buffer(9 << 20)
+    buffer.fill_(1)
+    assert buffer.numel() == 9 << 20 and buffer.data_ptr() % HUGE_PAGE == 0
+    assert host_buffer(1000).numel() == 1000

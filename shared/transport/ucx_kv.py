@@ -4,6 +4,10 @@ The decoder runs a listener so prefill workers can open endpoints to it; receive
 posted on the UCX worker with the segment's tag (announced over NATS beforehand), so
 a message is matched to its session no matter which endpoint carried it and no extra
 header message is needed.
+
+`KvSender.send` takes the buffers as an async iterable too and sends each one as soon as
+it is ready, so the prefill side gathers the next pair while this one is on the wire.
+Buffers on both ends come from huge-page backed host memory (`host_memory`).
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 import numpy as np
 import torch
 
 from shared.protocol import KvSegment, TransferStats
+from shared.transport.host_memory import host_buffer
 from shared.transport.ucx_env import configure_ucx_environment
 
 configure_ucx_environment()
@@ -57,7 +62,7 @@ class KvReceiver:
 
     async def receive(self, segments: Sequence[KvSegment], timeout: float) -> tuple[list[torch.Tensor], TransferStats]:
         """Posts one receive per segment; returns the raw byte buffers in segment order."""
-        buffers = [torch.empty(seg.nbytes, dtype=torch.uint8) for seg in segments]
+        buffers = [host_buffer(seg.nbytes) for seg in segments]
         started = time.perf_counter()
         receives = [ucxx.recv(buf.numpy(), tag=seg.tag) for buf, seg in zip(buffers, segments)]
         await asyncio.wait_for(asyncio.gather(*receives), timeout=timeout)
@@ -99,12 +104,28 @@ class KvSender:
                 self._endpoints[key] = endpoint
             return endpoint
 
-    async def send(self, host: str, port: int, segments: Sequence[KvSegment], buffers: Sequence[torch.Tensor]) -> TransferStats:
+    async def send(
+        self, host: str, port: int, segments: Sequence[KvSegment], buffers: Sequence[torch.Tensor] | AsyncIterable[torch.Tensor]
+    ) -> TransferStats:
+        """Sends buffer `i` as segment `i`; an async iterable's buffers go out as it yields them."""
         endpoint = await self._endpoint(host, port)
         started = time.perf_counter()
-        await asyncio.gather(
-            *(endpoint.send(as_bytes(buf), tag=seg.tag, force_tag=True) for seg, buf in zip(segments, buffers))
-        )
+        sends: list[asyncio.Future] = []
+        try:
+            index = 0
+            async for buffer in _aiter(buffers):
+                if index >= len(segments):
+                    raise ValueError(f"more buffers than the {len(segments)} segments")
+                segment = segments[index]
+                sends.append(asyncio.ensure_future(endpoint.send(as_bytes(buffer), tag=segment.tag, force_tag=True)))
+                index += 1
+            if index != len(segments):
+                raise ValueError(f"{index} buffers for {len(segments)} segments")
+            await asyncio.gather(*sends)
+        except BaseException:
+            for send in sends:
+                send.cancel()
+            raise
         return TransferStats(
             nbytes=sum(seg.nbytes for seg in segments),
             seconds=time.perf_counter() - started,
@@ -116,3 +137,12 @@ class KvSender:
             if not endpoint.closed:
                 await endpoint.close()
         self._endpoints.clear()
+
+
+async def _aiter(buffers: Sequence[torch.Tensor] | AsyncIterable[torch.Tensor]) -> AsyncIterator[torch.Tensor]:
+    if isinstance(buffers, AsyncIterable):
+        async for buffer in buffers:
+            yield buffer
+    else:
+        for buffer in buffers:
+            yield buffer
