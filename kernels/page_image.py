@@ -6,7 +6,7 @@ Wire pieces are token-major `[T, heads, D]` with a subset of the heads; a cache 
 into the pages means one small strided write per token and head (e.g. 256 bytes, spread
 over every page), which is slow on a CPU. Instead the pieces are copied into a
 `LayerImage` (strided but sequential copies, casting on the way), and the image moves to
-the cache one whole page per `memcpy` (`PageMap`). The gather runs the same way backwards.
+the cache one whole page per `memcpy` (`PageMap`).
 
 Where a piece already is whole pages in the cache's order (`is_page_slab`) and no cast is
 needed, it moves straight to or from the cache pages, with no image (`write_piece` /
@@ -122,12 +122,6 @@ class LayerImage:
         for view, t0, t1 in self.token_views():
             part = rows[t0:t1]
             view[..., heads.start : heads.stop, :].copy_(part.view(*view.shape[:-2], len(heads), part.shape[-1]))
-
-    def drain(self, heads: range, out: torch.Tensor) -> None:
-        """The image's `heads` into wire rows `out` `[T, len(heads), D]`."""
-        for view, t0, t1 in self.token_views():
-            part = out[t0:t1]
-            part.view(*view.shape[:-2], len(heads), part.shape[-1]).copy_(view[..., heads.start : heads.stop, :])
 
     def tail_view(self) -> torch.Tensor:
         """`[tail, H, D]`: the tail page's filled slots, token-major."""

@@ -21,7 +21,7 @@ _ALIGN = 1 << 20  # capacities round up to whole MiB, so near sizes share buffer
 
 
 class StagingPool:
-    def __init__(self, max_idle_bytes: int = 1 << 30):
+    def __init__(self, max_idle_bytes: int = 512 << 20):
         self.max_idle_bytes = max_idle_bytes
         self._idle: list[torch.Tensor] = []  # whole buffers, oldest first
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> the whole buffer behind a lent view
