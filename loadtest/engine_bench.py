@@ -1,7 +1,14 @@
 """`pdserve bench engine`: the engine alone, in process, side by side with HF transformers on the same weights.
 
-Measured, each as the median over `--repeats` runs (engine and transformers runs
-interleaved, so a noisy neighbour slows both alike):
+Sides, all in one run:
+- pdserve dense: the engine on float32 weights, the very tensors transformers multiplies;
+- pdserve blocks (GGUF models whose linears are Q4_1/Q8_0): the same engine keeping those
+  weights in their GGUF blocks and expanding them, inside the matmul, to the same float32
+  values; arithmetic is float32 and activations are never quantized. Batches of more than
+  `prepack.BLOCK_PATH_MAX_ROWS` tokens (prefill, large decode batches) run the dense weights;
+- transformers: HF `generate` on the float32 weights it dequantizes from the same file.
+Measured, each as the median over `--repeats` runs (the sides' runs interleaved, so a
+noisy neighbour slows all alike):
 - prefill tokens/s: one `--prompt-len`-token prompt, prompt in to first token out;
 - decode tokens/s at each batch size: `--batch-sizes` requests of `--decode-prompt-len`
   tokens prefilled (not timed), then `--decode-steps` steps timed; aggregate tokens/s.
@@ -16,13 +23,14 @@ torch, transformers and the engine are imported inside `run`: registering the CL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -33,12 +41,17 @@ GOALS = {"prefill": 1.0, "decode_b1": 2.0, "decode_b32_vs_hf_b1": 10.0}
 class Row:
     name: str  # "prefill" or "decode_b{n}"
     tokens: int  # tokens per timed run
-    engine_s: list[float]
-    hf_s: list[float]
+    engine_s: list[float]  # pdserve, dense float32 weights
+    hf_s: list[float]  # transformers; empty without it
+    blocks_s: list[float] = field(default_factory=list)  # pdserve, GGUF-block weights; empty without them
 
     @property
     def engine_tps(self) -> float:
         return self.tokens / statistics.median(self.engine_s)
+
+    @property
+    def blocks_tps(self) -> float | None:
+        return self.tokens / statistics.median(self.blocks_s) if self.blocks_s else None
 
     @property
     def hf_tps(self) -> float | None:
@@ -74,21 +87,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from shared.engine.dtypes import parse_dtype
+    from shared.engine.loader import load_model
 
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
-    engine = _EngineSide(args, dtype)
+    loaded = load_model(args.model, dtype=dtype)
+    dense = _EngineSide(loaded, args, block_weights=False)
+    blocks = _EngineSide(loaded, args, block_weights=True) if loaded.block_weights else None
+    blocks_problem = "the model has no Q4_1/Q8_0 GGUF weights in float32" if blocks is None else blocks.problem
     hf = _HfSide.load(args.model, dtype) if args.transformers else None
-    vocab = engine.vocab_size
+    vocab = dense.vocab_size
     print(f"model {args.model}, {args.dtype}, {args.threads} torch threads, medians of {args.repeats} runs")
     if hf is not None and hf.problem:
         print(f"transformers: {hf.problem}")
         hf = None
-    sides: list[Side] = [engine] if hf is None else [engine, hf]
-    cases = [functools.partial(_prefill_run, side, args.prompt_len, vocab) for side in sides]
+    print(_legend(blocks_problem, hf is not None))
+    sides: dict[str, Side] = {"dense": dense}
+    if blocks is not None and blocks_problem is None:
+        sides["blocks"] = blocks
+    if hf is not None:
+        sides["hf"] = hf
+    cases = {name: functools.partial(_prefill_run, side, args.prompt_len, vocab) for name, side in sides.items()}
     rows = [_measure("prefill", args.prompt_len, args.repeats, cases)]
     for batch in args.batch_sizes:
-        cases = [functools.partial(_decode_run, side, batch, args.decode_prompt_len, args.decode_steps, vocab) for side in sides]
+        cases = {name: functools.partial(_decode_run, side, batch, args.decode_prompt_len, args.decode_steps, vocab) for name, side in sides.items()}
         rows.append(_measure(f"decode_b{batch}", batch * args.decode_steps, args.repeats, cases))
     print(format_table(rows, args))
     for warning in noise_warnings(rows):
@@ -118,15 +140,15 @@ def _decode_run(side: Side, batch: int, prompt_len: int, steps: int, vocab: int,
     return side.decode(_prompts(batch, prompt_len, vocab, seed=100 + run), steps)
 
 
-def _measure(name: str, tokens: int, repeats: int, cases: Sequence[Case]) -> Row:
-    """One unmeasured warm-up each, then `repeats` timed runs; cases[0] ours, cases[1] (if any) transformers, alternating."""
-    for case in cases:
+def _measure(name: str, tokens: int, repeats: int, cases: dict[str, Case]) -> Row:
+    """One unmeasured warm-up each, then `repeats` timed runs of every case in turn; keys "dense", "blocks", "hf"."""
+    for case in cases.values():
         case(-1)
-    timings: list[list[float]] = [[] for _ in cases]
+    timings: dict[str, list[float]] = {side: [] for side in cases}
     for r in range(repeats):
-        for case, seconds in zip(cases, timings):
-            seconds.append(case(r))
-    return Row(name, tokens, timings[0], timings[1] if len(timings) > 1 else [])
+        for side, case in cases.items():
+            timings[side].append(case(r))
+    return Row(name, tokens, timings["dense"], timings.get("hf", []), timings.get("blocks", []))
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -145,11 +167,14 @@ def _pages(tokens: int) -> int:
 
 
 class _EngineSide:
-    def __init__(self, args: argparse.Namespace, dtype):
-        from shared.engine.engine import Engine, SchedulingConfig
-        from shared.engine.loader import load_model
+    """The engine on the model's dense float32 weights, or (`block_weights`) on its GGUF blocks; `problem` says why not."""
 
-        loaded = load_model(args.model, dtype=dtype)
+    def __init__(self, loaded, args: argparse.Namespace, block_weights: bool):
+        from shared.engine.engine import Engine, SchedulingConfig
+        from shared.engine.prepack import uses_block_weights
+
+        if not block_weights:
+            loaded = dataclasses.replace(loaded, block_weights={})
         self.vocab_size = loaded.config.vocab_size
         longest = max(args.prompt_len + 1, args.decode_prompt_len + args.decode_steps + _DECODE_SLACK)
         if longest > loaded.config.max_position_embeddings:
@@ -161,6 +186,9 @@ class _EngineSide:
             block_size=_BLOCK_SIZE,
             scheduling=SchedulingConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=max(args.batch_sizes)),
         )
+        self.problem = None
+        if block_weights and not uses_block_weights(self.engine.model):
+            self.problem = "the block kernel is unavailable on this machine (its reason is logged)"
         self._next_id = 0
 
     def _ids(self, count: int) -> list[str]:
@@ -256,21 +284,41 @@ class _HfSide:
         return time.perf_counter() - started
 
 
+def _legend(blocks_problem: str | None, with_hf: bool) -> str:
+    from shared.engine.prepack import BLOCK_PATH_MAX_ROWS
+
+    lines = ["pdserve dense : the engine on float32 weights (the tensors transformers multiplies)"]
+    if blocks_problem is None:
+        lines.append(
+            "pdserve blocks: the engine on the GGUF's Q4_1/Q8_0 weight blocks, expanded in the matmul to those same float32 "
+            f"values; float32 arithmetic, activations not quantized; batches over {BLOCK_PATH_MAX_ROWS} tokens run dense"
+        )
+    else:
+        lines.append(f"pdserve blocks: not run ({blocks_problem})")
+    if with_hf:
+        lines.append("transformers  : HF generate() on float32 weights dequantized from the same file")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     hf_b1 = next((row.hf_tps for row in rows if row.name == "decode_b1"), None)
-    lines = [f"{'case':<34}{'pdserve tok/s':>15}{'transformers tok/s':>20}{'ratio':>9}   goal"]
+    columns = ("pdserve dense", "pdserve blocks", "transformers", "dense/HF", "blocks/HF")
+    lines = [f"{'case (tok/s)':<36}" + "".join(f"{c:>16}" for c in columns) + "   goal"]
+
+    def line(label: str, row: Row, hf: float | None, goal: str) -> str:
+        values = (_fmt(row.engine_tps), _fmt(row.blocks_tps), _fmt(hf), _ratio(row.engine_tps, hf), _ratio(row.blocks_tps, hf))
+        return f"{label:<36}" + "".join(f"{v:>16}" for v in values) + f"   {goal}".rstrip()
+
     for row in rows:
         if row.name == "prefill":
-            label, goal = f"prefill, 1 x {args.prompt_len} tokens", f">= {GOALS['prefill']:g}x"
+            lines.append(line(f"prefill, 1 x {args.prompt_len} tokens", row, row.hf_tps, f">= {GOALS['prefill']:g}x"))
         else:
             batch = int(row.name.removeprefix("decode_b"))
-            label = f"decode, batch {batch} (aggregate)"
             goal = f">= {GOALS['decode_b1']:g}x" if batch == 1 else ""
-        lines.append(f"{label:<34}{row.engine_tps:>15.1f}{_fmt(row.hf_tps):>20}{_ratio(row.engine_tps, row.hf_tps):>9}   {goal}")
+            lines.append(line(f"decode, batch {batch} (aggregate)", row, row.hf_tps, goal))
     for row in rows:
         if row.name == "decode_b32" and hf_b1:
-            label = "decode, batch 32 vs transformers b1"
-            lines.append(f"{label:<34}{row.engine_tps:>15.1f}{_fmt(hf_b1):>20}{_ratio(row.engine_tps, hf_b1):>9}   >= {GOALS['decode_b32_vs_hf_b1']:g}x")
+            lines.append(line("decode, batch 32 vs transformers b1", row, hf_b1, f">= {GOALS['decode_b32_vs_hf_b1']:g}x"))
     return "\n".join(lines)
 
 
@@ -281,7 +329,7 @@ def noise_warnings(rows: list[Row]) -> list[str]:
     """One line per case whose runs disagree a lot: on a shared machine a neighbour took the cores."""
     warnings = []
     for row in rows:
-        for side, runs in (("pdserve", row.engine_s), ("transformers", row.hf_s)):
+        for side, runs in (("pdserve dense", row.engine_s), ("pdserve blocks", row.blocks_s), ("transformers", row.hf_s)):
             if len(runs) > 1 and max(runs) / min(runs) > NOISY_SPREAD:
                 warnings.append(f"noisy: {row.name} {side} runs differ {max(runs) / min(runs):.1f}x (fastest {min(runs):.3f}s); rerun on a quiet machine")
     return warnings
@@ -291,8 +339,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _ratio(ours: float, theirs: float | None) -> str:
-    return "-" if not theirs else f"{ours / theirs:.2f}x"
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return "-" if not ours or not theirs else f"{ours / theirs:.2f}x"
 
 
 def _llama_cpp_row(args: argparse.Namespace, vocab: int) -> str:
@@ -326,7 +374,7 @@ def _result(rows: list[Row], args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "threads": args.threads,
         "repeats": args.repeats,
-        "rows": [{**asdict(row), "engine_tok_s": row.engine_tps, "hf_tok_s": row.hf_tps} for row in rows],
+        "rows": [{**asdict(row), "engine_tok_s": row.engine_tps, "blocks_tok_s": row.blocks_tps, "hf_tok_s": row.hf_tps} for row in rows],
     }
 
 

@@ -55,18 +55,26 @@ class RotaryEmbedding(nn.Module):
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
         # positions: [T]
-        return RopeTables(self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :])  # [T, 1, D]
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return RopeTables(cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :])  # [T, 1, D]
 
 
 class RopeTables(NamedTuple):
-    """cos and sin `[T, 1, D]` at the batch's positions, shared by every layer of one forward."""
+    """cos and sin `[T, 1, D]` at the batch's positions, shared by every layer of one forward.
+
+    HF's `x * cos + rotate_half(x) * sin` with rotate_half(x) = [-x2, x1]: the same products
+    as `x * cos + roll(x) * signed_sin`, roll(x) = [x2, x1] and signed_sin = [-sin1, sin2]
+    (negation is exact), in one op instead of three.
+    """
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H, D] -> [T, H, D]
-        return x * self.cos + _rotate_half(x) * self.sin
+        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.signed_sin
 
 
 _ALIGNMENT = 64  # bytes: torch's CPU allocator gives at least this
@@ -81,11 +89,6 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 def _check_ep(config: ModelConfig, ep: int) -> None:
     if ep != 1 and config.num_experts == 0:
         raise ValueError(f"ep={ep}: a dense {config.architecture} model has no experts to place (use ep=1)")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 class Attention(nn.Module):
@@ -103,13 +106,20 @@ class Attention(nn.Module):
         # Qwen3: one RMSNorm weight over head_dim, shared by all query (resp. key) heads.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # q, k and v in one call, when the engine's twin fused them (prepack.py); q/k/v_proj are then unused.
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = (config.num_heads * config.head_dim, *[config.num_kv_heads * config.head_dim] * 2)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rope: RopeTables) -> torch.Tensor:
         # x: [T, hidden]
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.rotate(q), rope.rotate(k)
@@ -127,9 +137,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # gate and up in one call, when the engine's twin fused them (prepack.py); gate/up_proj are then unused.
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

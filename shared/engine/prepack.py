@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from shared.engine.block_matmul import BlockKernel, default_kernel
-from shared.engine.block_weights import BlockWeight
+from shared.engine.block_weights import BlockWeight, stack_rows
+from shared.engine.model import MLP, Attention
 
 # Rows (tokens) up to which the block kernel beats the packed dense matmul on smollm2-135m
 # (2-core AVX2 box); above it the dense weights' higher arithmetic rate wins.
@@ -58,17 +59,23 @@ class PackedLinear(nn.Module):
 
 
 class BlockLinear(nn.Module):
-    """y = x W^T + b: W's GGUF blocks for up to `max_rows` rows of x, else `dense` (the same W in float32)."""
+    """y = x W^T + b: W's GGUF blocks for up to `max_rows` rows of x, else `dense` (the same W and b in float32)."""
 
-    def __init__(self, weight: BlockWeight, dense: nn.Module, kernel: BlockKernel, max_rows: int = BLOCK_PATH_MAX_ROWS):
+    def __init__(
+        self,
+        weight: BlockWeight,
+        bias: torch.Tensor | None,
+        dense: nn.Module,
+        kernel: BlockKernel,
+        max_rows: int = BLOCK_PATH_MAX_ROWS,
+    ):
         super().__init__()
         self.weight_blocks = weight
+        self.bias = None if bias is None else bias.detach()
         self.dense = dense
         self.max_rows = max_rows
         self._block_matmul = kernel.bind(weight)
         self._in_features, self._out_features = weight.in_features, weight.out_features
-        bias = getattr(dense, "bias", None)
-        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
@@ -79,6 +86,17 @@ class BlockLinear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self._out_features)
+
+
+class ConcatLinear(nn.Module):
+    """The outputs of several linears on one input, concatenated: the dense path of a fused BlockLinear."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 # model -> {uses blocks: twin}
@@ -100,6 +118,11 @@ def prepacked(model: nn.Module, block_weights: Mapping[str, BlockWeight] | None 
     if True not in twins:
         twins[True] = _block_twin(model, twins[False], block_weights or {}, kernel)
     return twins[True]
+
+
+def uses_block_weights(model: nn.Module) -> bool:
+    """Whether `model` (an engine's twin) computes any linear on GGUF blocks."""
+    return any(isinstance(module, BlockLinear) for module in model.modules())
 
 
 def _dense_twin(model: nn.Module) -> nn.Module:
@@ -143,21 +166,45 @@ def _pack(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
+# Projections of one input that the block twin runs as one matmul: fewer calls per token.
+_FUSED = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")), MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
 def _block_twin(model: nn.Module, dense_twin: nn.Module, block_weights: Mapping[str, BlockWeight], kernel: BlockKernel) -> nn.Module:
     """A twin whose linears with blocks are BlockLinears, falling back to the dense twin's module at the same path."""
     twin = _shallow_twin(model, nn.Linear)
     originals = set(map(id, model.modules()))
+
+    def block_linear(paths: list[str]) -> BlockLinear | None:
+        weights = [block_weights.get(f"{path}.weight") for path in paths]
+        linears = [twin.get_submodule(path) for path in paths]
+        biases = [linear.bias for linear in linears]
+        if None in weights or len({w.format for w in weights}) > 1 or len({b is None for b in biases}) > 1:  # type: ignore[union-attr]
+            return None
+        dense = [dense_twin.get_submodule(path) for path in paths]
+        return BlockLinear(
+            stack_rows(weights),  # type: ignore[arg-type]
+            None if biases[0] is None else torch.cat(biases),
+            dense[0] if len(dense) == 1 else ConcatLinear(dense),
+            kernel,
+        )
+
     for path, parent in list(twin.named_modules()):
         if parent is not twin and id(parent) in originals:
             continue  # shared with the original: left untouched
+        prefix = f"{path}." if path else ""
+        fused_name, fused_parts = _FUSED.get(type(parent), ("", ()))
+        fused = block_linear([prefix + name for name in fused_parts]) if fused_parts else None
+        if fused is not None:
+            setattr(parent, fused_name, fused)
         for name, child in list(parent.named_children()):
-            qualified = f"{path}.{name}" if path else name
-            weight = block_weights.get(f"{qualified}.weight")
-            if type(child) is nn.Linear and weight is not None:
-                setattr(parent, name, BlockLinear(weight, dense_twin.get_submodule(qualified), kernel))
+            if type(child) is nn.Linear and not (fused is not None and name in fused_parts):
+                linear = block_linear([prefix + name])
+                if linear is not None:
+                    setattr(parent, name, linear)
     tied = block_weights.get("embed_tokens.weight")
     if tied is not None and getattr(twin, "lm_head", "absent") is None:
-        twin.lm_head = BlockLinear(tied, getattr(dense_twin, "lm_head", None) or _linear_over(twin.embed_tokens.weight), kernel)
+        twin.lm_head = BlockLinear(tied, None, getattr(dense_twin, "lm_head", None) or _linear_over(twin.embed_tokens.weight), kernel)
     return twin.eval()
 
 

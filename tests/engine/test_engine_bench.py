@@ -5,9 +5,13 @@ import importlib.util
 import json
 import re
 
+import pytest
+
 from loadtest import engine_bench
+from shared.engine.block_matmul import default_kernel
 from tests.engine.hf_checkpoints import family_configs, write_checkpoint
 
+HEADER = ["case", "(tok/s)", "pdserve", "dense", "pdserve", "blocks", "transformers", "dense/HF", "blocks/HF", "goal"]
 TINY_SIZES = ["--prompt-len", "24", "--batch-sizes", "1,3", "--decode-prompt-len", "8", "--decode-steps", "3", "--repeats", "2"]
 
 
@@ -41,12 +45,29 @@ def test_hf_folder_model_gets_transformers_rows_and_ratios(tmp_path, capsys):
     result_file = tmp_path / "bench.json"
     assert bench(["--model", str(folder), *TINY_SIZES, "--batch-sizes", "1,32", "--threads", "1", "--result-file", str(result_file)]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("case") :].splitlines()
-    assert table[0].split() == ["case", "pdserve", "tok/s", "transformers", "tok/s", "ratio", "goal"]
+    assert "pdserve blocks: not run (the model has no Q4_1/Q8_0 GGUF weights in float32)" in out
+    table = out[out.index("case (tok/s)") :].splitlines()
+    assert table[0].split() == HEADER
     prefill, b1, b32, b32_vs_b1 = table[1:5]
     assert prefill.rstrip().endswith(">= 1x") and b1.rstrip().endswith(">= 2x")
     assert b32_vs_b1.startswith("decode, batch 32 vs transformers b1") and b32_vs_b1.rstrip().endswith(">= 10x")
     for line in (prefill, b1, b32, b32_vs_b1):
-        assert re.search(r" \d+\.\d\dx ", f"{line} "), line  # a ratio in every row
+        dense, blocks, hf, dense_ratio, blocks_ratio = line[36:].split()[:5]
+        assert re.fullmatch(r"\d+\.\d\dx", dense_ratio) and blocks == blocks_ratio == "-", line
     result = json.loads(result_file.read_text())
-    assert all(row["hf_tok_s"] > 0 and len(row["hf_s"]) == 2 for row in result["rows"])
+    assert all(row["hf_tok_s"] > 0 and len(row["hf_s"]) == 2 and row["blocks_s"] == [] for row in result["rows"])
+
+
+@pytest.mark.skipif(default_kernel() is None, reason="block kernel unavailable (no AVX2 or no compiler)")
+def test_gguf_model_gets_a_blocks_column(tmp_path, capsys):
+    result_file = tmp_path / "bench.json"
+    assert bench(["--model", "smollm2-135m", *TINY_SIZES, "--no-transformers", "--threads", "1", "--result-file", str(result_file)]) == 0
+    out = capsys.readouterr().out
+    assert "pdserve blocks: the engine on the GGUF's Q4_1/Q8_0 weight blocks" in out
+    table = out[out.index("case (tok/s)") :].splitlines()
+    assert table[0].split() == HEADER
+    for line in table[1:4]:
+        dense, blocks = line[36:].split()[:2]
+        assert float(dense) > 0 and float(blocks) > 0, line
+    result = json.loads(result_file.read_text())
+    assert all(len(row["blocks_s"]) == 2 and row["blocks_tok_s"] > 0 for row in result["rows"])
