@@ -47,10 +47,12 @@ def _attend_decodes(q: torch.Tensor, group: DecodeGroup, layer_index: int, kv_ca
     num_kv_heads = key.shape[0]
     # Query head h uses KV head h // G (HF's repeat_kv): [Hkv, B, G, D], G queries per KV head.
     queries = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1).float()
-    scores = torch.matmul(queries, key.float().transpose(-1, -2)).mul_(head_dim**-0.5)  # [Hkv, B, G, S]
-    if bias is not None:
+    if bias is None:  # one sequence: the fused kernel is one call instead of five (measured faster only here)
+        out = F.scaled_dot_product_attention(queries, key.float(), value.float())  # [Hkv, 1, G, D]
+    else:
+        scores = torch.matmul(queries, key.float().transpose(-1, -2)).mul_(head_dim**-0.5)  # [Hkv, B, G, S]
         scores += bias
-    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # [Hkv, B, G, D], float32 like SDPA's accumulation
+        out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # [Hkv, B, G, D], float32 like SDPA's accumulation
     return out.transpose(0, 1).reshape(batch, num_heads, head_dim).to(q.dtype)
 
 

@@ -52,7 +52,7 @@ def test_hf_folder_model_gets_transformers_rows_and_ratios(tmp_path, capsys):
     assert prefill.rstrip().endswith(">= 1x") and b1.rstrip().endswith(">= 2x")
     assert b32_vs_b1.startswith("decode, batch 32 vs transformers b1") and b32_vs_b1.rstrip().endswith(">= 10x")
     for line in (prefill, b1, b32, b32_vs_b1):
-        dense, blocks, hf, dense_ratio, blocks_ratio = line[36:].split()[:5]
+        _dense, blocks, _hf, dense_ratio, blocks_ratio = line[36:].split()[:5]
         assert re.fullmatch(r"\d+\.\d\dx", dense_ratio) and blocks == blocks_ratio == "-", line
     result = json.loads(result_file.read_text())
     assert all(row["hf_tok_s"] > 0 and len(row["hf_s"]) == 2 and row["blocks_s"] == [] for row in result["rows"])
