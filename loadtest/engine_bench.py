@@ -29,7 +29,7 @@ import importlib.util
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -140,7 +140,7 @@ def _decode_run(side: Side, batch: int, prompt_len: int, steps: int, vocab: int,
     return side.decode(_prompts(batch, prompt_len, vocab, seed=100 + run), steps)
 
 
-def _measure(name: str, tokens: int, repeats: int, cases: dict[str, Case]) -> Row:
+def _measure(name: str, tokens: int, repeats: int, cases: Mapping[str, Case]) -> Row:
     """One unmeasured warm-up each, then `repeats` timed runs of every case in turn; keys "dense", "blocks", "hf"."""
     for case in cases.values():
         case(-1)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from shared.engine.block_weights import BlockWeight
-
 from shared.engine.config import ModelConfig
 from shared.engine.dtypes import parse_dtype
 from shared.engine.gguf_file import GgufFile

@@ -43,6 +43,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, computed once in float32; `tables` gathers a batch's rows once per forward."""
 
+    cos: torch.Tensor  # [P, D] buffers
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
         # Explicit device: the model may be built under torch.device("meta"), these must be real.

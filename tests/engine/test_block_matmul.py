@@ -7,12 +7,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from shared.engine.block_matmul import (
-    BlockKernel,
-    build_kernel,
-    cpu_flags,
-    default_kernel,
-)
+from shared.engine.block_matmul import BlockKernel, build_kernel, cpu_flags, default_kernel
 from shared.engine.block_weights import BlockFormat, BlockWeight, stack_rows
 from shared.engine.native_build import find_compiler
 

@@ -10,13 +10,7 @@ from shared.engine.block_matmul import default_kernel
 from shared.engine.engine import Engine
 from shared.engine.kv_cache import PagedKVCache
 from shared.engine.loader import linear_weight_names, load_model
-from shared.engine.prepack import (
-    BLOCK_PATH_MAX_ROWS,
-    BlockLinear,
-    PackedLinear,
-    prepacked,
-    uses_block_weights,
-)
+from shared.engine.prepack import BLOCK_PATH_MAX_ROWS, BlockLinear, PackedLinear, prepacked, uses_block_weights
 from shared.engine.sampling import SamplingParams
 from tests.engine.test_smollm2 import PROMPTS, chat_ids, run_to_end
 
