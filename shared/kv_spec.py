@@ -112,7 +112,11 @@ _IDENTITY = (
 
 
 def spec_of_model(config, *, dtype: torch.dtype = torch.float32, page_size: int = 16) -> KvSpec:
-    """The KV spec of a worker serving `config` (a ModelConfig) with this cache dtype and page size."""
+    """The KV spec of a worker serving `config` (a ModelConfig) with this cache dtype and page size.
+
+    HND: the engine's paged cache is `[L, H, blocks, page, D]`, which per layer is
+    `[blocks, H, page, D]` up to a stride permutation (`PagedKVCache.hnd_views`).
+    """
     return KvSpec(
         model_fingerprint=config.fingerprint(),
         num_layers=config.num_layers,
@@ -121,7 +125,7 @@ def spec_of_model(config, *, dtype: torch.dtype = torch.float32, page_size: int 
         head_dim=config.head_dim,
         dtype=dtype,
         page_size=page_size,
-        memory_layout="NHD",
+        memory_layout="HND",
         num_experts=config.num_experts,
     )
 

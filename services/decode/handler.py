@@ -4,9 +4,10 @@ Life cycle of a DecodeJob:
   offer arrives over NATS -> refused if this worker cannot take it (draining, queue full,
   over budget, cancelled) or if the session does not fit (model, layers, heads, head_dim,
   dtype, layout: the refusal names the field) -> receives posted into staging buffers,
-  SessionAccepted replied -> every rank pair's buffer arrives over UCX -> re-sharded into
-  this worker's paged cache -> joins the running batch at token N+1 -> tokens streamed to
-  the gateway until a stop condition, then its blocks are freed.
+  SessionAccepted replied -> every rank pair's buffer arrives over UCX -> pages reserved,
+  the buffers re-sharded (scattered) straight into them -> joins the running batch at
+  token N+1 -> tokens streamed to the gateway until a stop condition, then its blocks
+  are freed.
 A refused, failed or timed-out transfer writes nothing into the cache.
 """
 
@@ -77,11 +78,14 @@ class DecodeHandler:
         if not await wait_for_kv_room(ctx, job.request_id, job.num_prompt_tokens + job.sampling.max_tokens):
             return  # cancelled while waiting for room
         placing_started = time.perf_counter()
+        def scatter_into_pages(block_table: list[int]) -> None:
+            pulled.write_into(*engine.kv_cache.hnd_views(), block_table)  # the re-shard, straight into the cache
+
         try:
-            kv = await ctx.engine_loop.call(pulled.dense)  # the torch re-shard, off the event loop
             await ctx.engine_loop.call(
-                engine.add_prefilled, job.request_id, job.num_prompt_tokens, job.first_token, kv, engine_sampling(job.sampling)
-            )
+                engine.add_prefilled_with,
+                job.request_id, job.num_prompt_tokens, job.first_token, engine_sampling(job.sampling), scatter_into_pages,
+            )  # fmt: skip
         except Exception as exc:
             log.exception("kv_import_failed")
             await ctx.engine_loop.call(engine.free, job.request_id)

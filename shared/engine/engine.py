@@ -25,7 +25,7 @@ read snapshots and may be polled from another (an event loop's heartbeat).
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -255,15 +255,39 @@ class Engine:
         Raises KvCacheFullError when its pages are not free now.
         """
         num_prompt = prompt_ids if isinstance(prompt_ids, int) else len(prompt_ids)
-        self._check_token_ids([first_token])
         expected = (self.config.num_layers, 2, num_prompt, self.config.num_kv_heads, self.config.head_dim)
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV for {request_id!r} has shape {tuple(kv.shape)}, expected {expected}")
-        seq = Sequence(request_id, [], num_prompt, RequestSampler(sampling))
+
+        def load(block_table: list[int]) -> None:
+            self.kv_cache.load(slot_mapping(torch.tensor(block_table), torch.arange(num_prompt), self.block_size), kv)
+
+        self.add_prefilled_with(request_id, num_prompt, first_token, sampling, load)
+
+    def add_prefilled_with(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        first_token: int,
+        sampling: SamplingParams,
+        write_kv: Callable[[list[int]], None],
+    ) -> None:
+        """`add_prefilled` for KV that `write_kv(block_table)` writes straight into this engine's pages.
+
+        The request's pages are reserved first; `write_kv` fills the prompt's slots of them
+        (e.g. a re-shard scatter into `kv_cache.hnd_views()`). If it raises, the pages go
+        back and the error propagates: nothing of the request stays.
+        """
+        self._check_token_ids([first_token])
+        seq = Sequence(request_id, [], num_prompt_tokens, RequestSampler(sampling))
         self._check_context(seq)
         self.scheduler.admit_now(seq)
-        self.kv_cache.load(self._slots(seq, num_prompt), kv)
-        seq.num_cached = num_prompt
+        try:
+            write_kv(list(seq.block_table))
+        except BaseException:
+            self.scheduler.free(request_id)
+            raise
+        seq.num_cached = num_prompt_tokens
         # The first token was sampled on the prefill side as generated index 0; ours continue from 1.
         self._append(seq, Choice(first_token))
 

@@ -117,6 +117,10 @@ class PagedKVCache:
         end = first_slot + length
         return self._key_slots[layer, :, first_slot:end], self._value_slots[layer, :, first_slot:end]
 
+    def hnd_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as `[L, blocks, H, page, D]` views (the re-shard kernels' HND layout, strided): no copy."""
+        return self.key.permute(0, 2, 1, 3, 4), self.value.permute(0, 2, 1, 3, 4)
+
     def export(self, slots: torch.Tensor) -> torch.Tensor:
         """All layers' K and V of `slots` as one new contiguous `[L, 2, S, H, D]` tensor."""
         key = self._key_slots.index_select(2, slots).transpose(1, 2)  # [L, S, H, D]

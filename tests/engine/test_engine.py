@@ -225,3 +225,36 @@ def test_prepacked_twin_shares_weights_and_matches(tiny):
     assert moe_twin.expert_placement.ep == 2
     bf16 = load_model("tiny-llama", dtype=torch.bfloat16)
     assert Engine(bf16, kv_cache_tokens=256).model is bf16.model  # packing is float32-only
+
+
+@pytest.mark.parametrize("decode_block_size", [16, 8])
+def test_kv_scattered_into_pages_continues_like_a_dense_load(tiny, decode_block_size):
+    """add_prefilled_with + a scatter into the cache's HND views == add_prefilled of the dense KV."""
+    from kernels.reshard_reference import write_dense
+    from shared.kv_spec import spec_of_model
+
+    prefill = Engine(tiny, kv_cache_tokens=512)
+    first, kv = prefill.prefill_and_export("r", PROMPT, SEEDED)
+    expected = Engine(tiny, 512, decode_block_size)
+    expected.add_prefilled("r", PROMPT, first.token_id, kv, SEEDED)
+    decoder = Engine(tiny, 512, decode_block_size)
+    spec = spec_of_model(tiny.config, dtype=decoder.kv_dtype, page_size=decode_block_size)
+
+    def scatter(block_table):
+        write_dense(kv, *decoder.kv_cache.hnd_views(), spec, block_table)
+
+    decoder.add_prefilled_with("r", len(PROMPT), first.token_id, SEEDED, scatter)
+    assert torch.equal(decoder.export_kv("r"), kv)
+    assert drain(decoder)["r"] == drain(expected)["r"]
+
+
+def test_a_failed_page_write_leaves_nothing_behind(tiny):
+    decoder = Engine(tiny, kv_cache_tokens=512)
+
+    def broken(block_table):
+        raise RuntimeError("transfer buffer corrupt")
+
+    with pytest.raises(RuntimeError, match="corrupt"):
+        decoder.add_prefilled_with("r", len(PROMPT), 7, SEEDED, broken)
+    assert not decoder.holds("r")
+    assert decoder.num_free_blocks == decoder.num_blocks
