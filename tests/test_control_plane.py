@@ -269,3 +269,20 @@ async def test_step_token_budget_chunks_long_prompts():
         assert samples[("pdserve_worker_step_prompt_tokens_bucket", "32.0")] == steps  # no step above the budget
     finally:
         assert stop_stack_group(running.proc), "pdserve up left processes behind"
+
+
+async def test_hand_offs_racing_for_a_full_decoder_wait_instead_of_failing():
+    """More hand-offs than the decoder's pages hold at once: each waits for room, none is lost."""
+    running = start_stack("--model", MODEL, "--kv-cache-tokens", "2048")
+    try:
+        # Each request reserves 300 + 64 tokens = 23 pages of 16: five fit in 128 pages at once.
+        results = await asyncio.gather(*(complete(running.base_url, 300, max_tokens=64) for _ in range(14)))
+        assert [status for status, _, _ in results] == [200] * 14, [reply for status, reply, _ in results if status != 200]
+        assert all(reply["usage"]["completion_tokens"] == 64 for _, reply, _ in results)
+        decoder_id = results[0][1]["usage"]["pdserve"]["decode_worker"]
+        deadline = time.monotonic() + 10  # the last request's pages are freed just after its last token is sent
+        while workers_by_id(running.nats_url)[decoder_id]["kv_blocks_used"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert workers_by_id(running.nats_url)[decoder_id]["kv_blocks_used"] == 0  # every request's pages came back
+    finally:
+        assert stop_stack_group(running.proc), "pdserve up left processes behind"

@@ -21,7 +21,14 @@ import structlog
 
 from services.worker.context import WorkerContext, engine_sampling, wait_for_kv_room
 from shared import protocol
-from shared.protocol import DecodeJob, ErrorCode, FinishReason, ServiceError, SessionAccepted
+from shared.engine.engine import KvCacheFullError
+from shared.protocol import (
+    DecodeJob,
+    ErrorCode,
+    FinishReason,
+    ServiceError,
+    SessionAccepted,
+)
 
 log = structlog.get_logger()
 
@@ -61,6 +68,12 @@ class DecodeHandler:
 
     async def _continue(self, job: DecodeJob) -> None:
         structlog.contextvars.bind_contextvars(request_id=job.request_id)
+        try:
+            await self._receive_and_place(job)
+        finally:
+            self.ctx.waiting -= 1  # placed (now running), failed or cancelled
+
+    async def _receive_and_place(self, job: DecodeJob) -> None:
         ctx = self.ctx
         engine = ctx.engine_loop.engine
         try:
@@ -69,28 +82,31 @@ class DecodeHandler:
             log.warning("kv_receive_failed", error=repr(exc))
             await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV transfer failed: {exc}")
             return
-        finally:
-            ctx.waiting -= 1
         stats = pulled.stats
         log.info("kv_received", nbytes=stats.nbytes, seconds=round(stats.seconds, 4), messages=stats.num_messages)
         ctx.metrics.labels(ctx.metrics.kv_transfer_bytes, direction="received").inc(stats.nbytes)
         ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="received").observe(stats.seconds)
-        if not await wait_for_kv_room(ctx, job.request_id, job.num_prompt_tokens + job.sampling.max_tokens):
-            return  # cancelled while waiting for room
-        placing_started = time.perf_counter()
+
         def scatter_into_pages(block_table: list[int]) -> None:
             pulled.write_into(*engine.kv_cache.hnd_views(), block_table)  # the re-shard, straight into the cache
 
-        try:
-            await ctx.engine_loop.call(
-                engine.add_prefilled_with,
-                job.request_id, job.num_prompt_tokens, job.first_token, engine_sampling(job.sampling), scatter_into_pages,
-            )  # fmt: skip
-        except Exception as exc:
-            log.exception("kv_import_failed")
-            await ctx.engine_loop.call(engine.free, job.request_id)
-            await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV import failed: {exc}")
-            return
+        while True:
+            if not await wait_for_kv_room(ctx, job.request_id, job.num_prompt_tokens + job.sampling.max_tokens):
+                return  # cancelled while waiting for room
+            placing_started = time.perf_counter()
+            try:
+                await ctx.engine_loop.call(
+                    engine.add_prefilled_with,
+                    job.request_id, job.num_prompt_tokens, job.first_token, engine_sampling(job.sampling), scatter_into_pages,
+                )  # fmt: skip
+                break
+            except KvCacheFullError:
+                continue  # other hand-offs took the pages between the check and the admission: wait again
+            except Exception as exc:
+                log.exception("kv_import_failed")
+                await ctx.engine_loop.call(engine.free, job.request_id)
+                await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV import failed: {exc}")
+                return
         ctx.metrics.labels(ctx.metrics.reshard_seconds).observe(time.perf_counter() - placing_started)
         if job.request_id in ctx.cancelled:  # cancelled while the KV was being placed
             ctx.cancelled.discard(job.request_id)
