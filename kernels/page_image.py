@@ -114,7 +114,7 @@ class LayerImage:
         full = self.num_full * page
         views = [(self.data[: self.num_full].transpose(1, 2), 0, full)] if self.num_full else []
         if self.tail:
-            views.append((self.data[self.num_full, :, : self.tail].transpose(0, 1), full, self.num_tokens))
+            views.append((self.tail_view(), full, self.num_tokens))
         return views
 
     def fill(self, rows: torch.Tensor, heads: range) -> None:

@@ -8,14 +8,16 @@ layers x heads sub-block of it. A request's token `p` lives in page
 
 - `gather_pair_buffers` (prefill side): one contiguous buffer per (src rank, dst rank)
   pair, in the wire order of `shared.transfer_plan` (`[layer][K/V][token][head][dim]`).
-- `scatter_pair_buffers` (decoder side, the CPU serving path): buffers -> paged cache,
+- `scatter_pair_buffers` (decoder side, the CPU torch path): buffers -> paged cache,
   handling head slicing/merging, page-size change, HND/NHD and dtype cast.
-  The scatter goes layer by layer through a `LayerImage` (the layer's pages in request
-  order, small enough to stay in the CPU caches): the head merge/split is a sequential
-  strided copy into it, and the cache takes whole pages (`PageMap`). The gather is one
-  `index_select` of token rows per layer and K/V (`_SlotRows`). Pieces that already are
-  whole pages skip both. Non-contiguous caches take one strided copy per run of blocks
-  (`page_views`).
+  A contiguous cache (the spec's own layouts: tests, `bench_reshard`) is filled layer by
+  layer through a `LayerImage` (the layer's pages in request order, small enough to stay
+  in the CPU caches): the head merge/split is a sequential strided copy into it, and the
+  cache takes whole pages (`PageMap`). A non-contiguous cache — what serving passes: the
+  engine's `[L, H, blocks, page, D]` cache seen as HND through `hnd_views()` — takes one
+  strided copy per run of consecutive blocks (`page_views`). The gather from a paged
+  cache is one `index_select` of token rows per layer and K/V (`_SlotRows`); serving
+  pushes the exported dense KV instead. Pieces that already are whole pages skip both.
 - `reference_reshard` / `reference_shards`: obviously-correct token-by-token versions,
   the oracle for tests.
 """

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -77,7 +76,6 @@ from shared.protocol import (
     WireLayout,
 )
 from shared.transfer_plan import TransferPlan, plan_transfer
-from shared.transport.host_memory import host_buffer
 from shared.transport.staging_pool import StagingPool
 from shared.transport.ucx_kv import KvReceiver, KvSender, segment_tag
 
@@ -258,14 +256,11 @@ class PulledKv:
         return pair_buffers_to_shards(self.buffers, self.plan, self.num_tokens)
 
     def dense(self) -> torch.Tensor:
-        """All of it as `[L, 2, T, H, D]` in the decoder's dtype (e.g. for `PagedKVCache.load`)."""
+        """All of it as `[L, 2, T, H, D]` in the decoder's dtype (serving uses `write_into` instead)."""
         spec = self.plan.dst_spec
         shape = (spec.num_layers, 2, self.num_tokens, spec.num_kv_heads, spec.head_dim)
         device = self.buffers[0].device if self.buffers else torch.device("cpu")
-        if device.type == "cpu":  # fresh memory faults page by page: huge pages make that 4x cheaper
-            out = host_buffer(math.prod(shape) * spec.itemsize).view(spec.dtype).view(shape)
-        else:
-            out = torch.empty(shape, dtype=spec.dtype, device=device)
+        out = torch.empty(shape, dtype=spec.dtype, device=device)
         for buffer, pair in zip(self.buffers, self.plan.pairs):
             flat = typed_buffer(buffer, pair, self.plan, self.num_tokens)
             for piece in pair.pieces:
@@ -378,9 +373,11 @@ class _PairBuffers:
             with contextlib.suppress(Exception):
                 await self._next
             self._next = None
-        if recycle:
-            for buffer in self._staging:
+        for buffer in self._staging:
+            if recycle:
                 self.pool.give_back(buffer)
+            else:
+                self.pool.forget(buffer)
         self._staging.clear()
 
     def _gather(self, index: int) -> torch.Tensor:

@@ -296,7 +296,7 @@ async def test_pushes_gather_into_reused_staging_and_send_whole_slabs_in_place()
         assert torch.equal((await decoder.pull(session_id)).dense(), random_kv(SPEC, 9))
     assert idle == 2 << 20 and len(prefill.staging._idle) == 2  # two head-sliced pairs, two pooled buffers
 
-    # pp=2 -> pp=1: each pair is every head of a run of layers, one contiguous slab of the KV
+    # pp=3 -> pp=1: each pair is every head of a run of layers, one contiguous slab of the KV
     slabs, decoder, _ = make_pair(SPEC, PrefillLayout(pp=3), SPEC, DecoderLayout())
     await slabs.create_session("req-c", layout=PrefillLayout(pp=3)).push(random_kv(SPEC, 9), target_layout=DecoderLayout())
     assert slabs.staging.idle_bytes == 0 and slabs.transport.num_messages == 3

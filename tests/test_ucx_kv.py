@@ -47,7 +47,7 @@ def test_segment_tags_differ_per_session_and_rank_pair():
     assert len(tags) == 18
 
 
-async def test_buffers_go_out_as_an_async_iterable_yields_them():
+async def test_send_takes_its_buffers_from_an_async_iterable():
     receiver = KvReceiver()
     await receiver.start()
     sender = KvSender()
@@ -104,3 +104,11 @@ def test_large_host_buffers_are_huge_page_aligned():
     buffer.fill_(1)
     assert buffer.numel() == 9 << 20 and buffer.data_ptr() % HUGE_PAGE == 0
     assert host_buffer(1000).numel() == 1000
+
+
+def test_staging_pool_forgets_buffers_a_failed_send_may_still_read():
+    pool = StagingPool()
+    lent = pool.take(1000)
+    pool.forget(lent)
+    pool.give_back(lent)  # no longer on the books: not pooled for reuse
+    assert pool.idle_bytes == 0 and not pool._lent

@@ -103,8 +103,7 @@ class DecodeHandler:
             except KvCacheFullError:
                 continue  # other hand-offs took the pages between the check and the admission: wait again
             except Exception as exc:
-                log.exception("kv_import_failed")
-                await ctx.engine_loop.call(engine.free, job.request_id)
+                log.exception("kv_import_failed")  # the engine returned the pages already
                 await ctx.streams.publish_to(job.stream_subject, job.request_id, FinishReason.ERROR, f"KV import failed: {exc}")
                 return
         ctx.metrics.labels(ctx.metrics.reshard_seconds).observe(time.perf_counter() - placing_started)

@@ -26,7 +26,8 @@ class LogprobFormatter:
         return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def _chat_alternative(self, token_id: int, logprob: float) -> dict:
-        return {"token": self.token_text(token_id), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
+        raw = self.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def chat(self, tokens: list[ScoredToken]) -> dict:
         """`choice.logprobs` of a chat completion (or chunk)."""

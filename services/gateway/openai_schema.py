@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-MAX_TOP_LOGPROBS = 5  # what the engine computes per token
+from shared.engine.sampling import MAX_LOGPROBS
 
 class ContentPart(msgspec.Struct):
     type: str
@@ -83,8 +83,8 @@ class CompletionRequest(_Common, kw_only=True):
 
 
 def _check_top(value: int, param: str) -> None:
-    if not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise RequestError(400, f"{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param=param)
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(400, f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param=param)
 
 
 class RequestError(Exception):

@@ -39,24 +39,25 @@ class WorkerContext:
     announcer: NatsAnnouncer
     max_waiting: int = 64
     cancelled: Cancellations = field(default_factory=Cancellations)
-    queued_prefill_tokens: int = 0
     waiting: int = 0  # accepted jobs without their first token here yet: queued prompts, incoming hand-offs
     draining: bool = False
     rates: MeasuredRates = field(default_factory=MeasuredRates)
     prefills: dict[str, PrefillJob] = field(default_factory=dict)  # accepted, first token not out yet
 
+    @property
+    def queued_prefill_tokens(self) -> int:
+        return sum(len(job.prompt_ids) for job in self.prefills.values())
+
     def expect_first_token(self, job: PrefillJob) -> None:
         """Counts an accepted prefill job as waiting from now (so bursts see a full queue at once)."""
         self.prefills[job.request_id] = job
         self.waiting += 1
-        self.queued_prefill_tokens += len(job.prompt_ids)
 
     def take_prefill(self, request_id: str) -> PrefillJob | None:
         """The job, if its first token was still to come: it stops counting as waiting (once)."""
         job = self.prefills.pop(request_id, None)
         if job is not None:
             self.waiting -= 1
-            self.queued_prefill_tokens -= len(job.prompt_ids)
         return job
 
     def refusal(self) -> ServiceError | None:

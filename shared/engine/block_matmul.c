@@ -1,7 +1,7 @@
 /* y[M, N] = x[M, K] . W[N, K]^T, W stored in GGUF blocks of 32 weights, float32 arithmetic.
  *
  * Decode multiplies a few activation rows by every weight: the time is the weight bytes
- * streamed from memory. GGUF blocks are 5.3x (Q4_1) and 3.8x (Q8_0) smaller than the same
+ * streamed from memory. GGUF blocks are 6.4x (Q4_1) and 3.8x (Q8_0) smaller than the same
  * weights in float32, so the weights stay in blocks and are expanded to float32 in
  * registers. Activations are never quantized: every product and sum is a float32 op on
  * the exact dequantized weight values (Q4_1: d*q + m, Q8_0: d*q, d and m float16).

@@ -56,7 +56,7 @@ class BlockKernel:
         return self.bind(weight)(x)
 
     def bind(self, weight: BlockWeight) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`lambda x: matmul(x, weight)` with the weight's arguments prepared once: decode calls it ~200 times a token."""
+        """`lambda x: matmul(x, weight)` with the weight's arguments prepared once: decode calls it once per linear per token."""
         call, threaded = self._matmul, self.threaded
         blocks, in_features, out_features, block_format = weight.blocks, weight.in_features, weight.out_features, int(weight.format)
         blocks_ptr = blocks.data_ptr()

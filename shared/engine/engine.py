@@ -187,7 +187,7 @@ class Engine:
         and decodes every running sequence once.
         """
         plan = self.scheduler.schedule()
-        self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.num_cached < c.seq.num_prompt_tokens)
+        self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.prefilling)
         if not plan:
             return []
         sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
@@ -239,7 +239,7 @@ class Engine:
     def export_kv(self, request_id: str) -> torch.Tensor:
         """A new contiguous `[num_layers, 2, num_prompt_tokens, num_kv_heads, head_dim]` (K then V) tensor."""
         seq = self._get(request_id)
-        return self.kv_cache.export(self._slots(seq, seq.num_prompt_tokens))
+        return self.kv_cache.export(self._slots(seq.block_table, seq.num_prompt_tokens))
 
     def add_prefilled(
         self,
@@ -260,7 +260,7 @@ class Engine:
             raise ValueError(f"KV for {request_id!r} has shape {tuple(kv.shape)}, expected {expected}")
 
         def load(block_table: list[int]) -> None:
-            self.kv_cache.load(slot_mapping(torch.tensor(block_table), torch.arange(num_prompt), self.block_size), kv)
+            self.kv_cache.load(self._slots(block_table, num_prompt), kv)
 
         self.add_prefilled_with(request_id, num_prompt, first_token, sampling, load)
 
@@ -329,9 +329,9 @@ class Engine:
                 f"{seq.num_reserved_tokens} exceeds the model's context of {self.config.max_position_embeddings} tokens"
             )
 
-    def _slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
+    def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         # Flat cache slots of positions 0 .. num_tokens - 1: [num_tokens]
-        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        table = torch.tensor(block_table, dtype=torch.int64)
         return slot_mapping(table, torch.arange(num_tokens), self.block_size)
 
     def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:

@@ -162,10 +162,7 @@ class GgufFile:
             names = list(CausalLM(config).state_dict())
         weights = {}
         for ours in names:
-            array = self.tensor(gguf_tensor_name(ours))
-            if config.architecture == "llama" and ours.endswith(_PERMUTED):
-                heads = config.num_heads if ".q_proj" in ours else config.num_kv_heads
-                array = unpermute_rope_rows(array, heads)
+            array = _in_hf_row_order(self.tensor(gguf_tensor_name(ours)), ours, config)
             # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
             weights[ours] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
         return weights
@@ -181,11 +178,16 @@ class GgufFile:
             block_format = _BLOCK_FORMATS.get(info.tensor_type)
             if block_format is None or len(info.shape) != 2:
                 continue
-            rows = info.data  # uint8 [out, in / 32 * block_bytes], a view of the file
-            if config.architecture == "llama" and ours.endswith(_PERMUTED):
-                rows = unpermute_rope_rows(rows, config.num_heads if ".q_proj" in ours else config.num_kv_heads)
+            rows = _in_hf_row_order(info.data, ours, config)  # uint8 [out, in / 32 * block_bytes]
             blocks[ours] = BlockWeight(block_format, torch.from_numpy(np.array(rows, order="C")), int(info.shape[0]))
         return blocks
+
+
+def _in_hf_row_order(rows: np.ndarray, ours: str, config: ModelConfig) -> np.ndarray:
+    """llama's Q/K rows as HF orders them (llama.cpp permutes them for its RoPE); other tensors as they are."""
+    if config.architecture == "llama" and ours.endswith(_PERMUTED):
+        return unpermute_rope_rows(rows, config.num_heads if ".q_proj" in ours else config.num_kv_heads)
+    return rows
 
 
 def gguf_tensor_name(ours: str) -> str:

@@ -20,6 +20,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from shared.engine.weight_cache import user_cache_root
+
 _COMPILE_TIMEOUT_S = 120
 
 
@@ -31,7 +33,7 @@ def kernel_cache_dir() -> Path:
     override = os.environ.get("PDSERVE_KERNEL_CACHE_DIR")
     if override:
         return Path(override)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdserve" / "kernels"
+    return user_cache_root() / "kernels"
 
 
 def find_compiler() -> str | None:

@@ -196,13 +196,13 @@ def _block_twin(model: nn.Module, block_weights: Mapping[str, BlockWeight], kern
                 setattr(parent, fused_name, fused)
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and not (fused is not None and name in fused_parts):
-                    linear = block_linear([prefix + name])
-                    if linear is not None:
-                        setattr(parent, name, linear)
+                    # No usable blocks (another format, or dropped as inexact): the packed dense path.
+                    setattr(parent, name, block_linear([prefix + name]) or _dense_linear([child], _bias(child)))
         tied = block_weights.get("embed_tokens.weight")
         embedding = getattr(twin, "embed_tokens", None)
-        if tied is not None and getattr(twin, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
-            twin.lm_head = BlockLinear(tied, None, _dense_linear([_linear_over(embedding.weight)], None), kernel)
+        if getattr(twin, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
+            dense_head = _dense_linear([_linear_over(embedding.weight)], None)
+            twin.lm_head = dense_head if tied is None else BlockLinear(tied, None, dense_head, kernel)
     return twin.eval()
 
 
@@ -211,9 +211,8 @@ def _dense_linear(linears: list[nn.Module], bias: torch.Tensor | None) -> nn.Mod
 
     One GEMM for a fused projection: concatenating separate outputs cost ~5% of a 1K-token prefill.
     """
-    weights = [linear.weight for linear in linears if isinstance(linear.weight, torch.Tensor)]
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     if packing_available():
+        weight = linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
         try:
             return PackedLinear(weight, bias)
         except RuntimeError:  # a oneDNN build that refuses a shape: plain matmuls then

@@ -132,6 +132,7 @@ class ChatTokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self._added_ids = frozenset(tokenizer.get_added_tokens_decoder())
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
         self._special_tokens = {
             "bos_token": "" if bos_token_id is None else (tokenizer.id_to_token(bos_token_id) or ""),
             "eos_token": tokenizer.id_to_token(self.eos_token_ids[0]) or "",
@@ -175,7 +176,7 @@ class ChatTokenizer:
         spelled = self._tokenizer.id_to_token(token_id)
         if spelled is None:
             raise ValueError(f"token id {token_id} is not in the vocabulary")
-        if token_id in self._added_ids or type(self._tokenizer.decoder).__name__ != "ByteLevel":
+        if token_id in self._added_ids or not self._byte_level:
             return self.decode([token_id], skip_special_tokens=False).encode()
         return bytes(_unicode_to_byte()[char] for char in spelled)
 

@@ -38,11 +38,16 @@ _HEADER_BYTES = 1 << 20
 log = structlog.get_logger()
 
 
+def user_cache_root() -> Path:
+    """pdserve's folder under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdserve"
+
+
 def default_cache_dir() -> Path:
     override = os.environ.get("PDSERVE_CACHE_DIR")
     if override:
         return Path(override)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdserve" / "weights"
+    return user_cache_root() / "weights"
 
 
 @dataclass(frozen=True)

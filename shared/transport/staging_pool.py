@@ -43,6 +43,11 @@ class StagingPool:
             self._lent[whole.data_ptr()] = whole
         return whole[:nbytes]
 
+    def forget(self, buffer: torch.Tensor) -> None:
+        """Drops a lent buffer that must not be reused (a failed send may still read it)."""
+        with self._lock:
+            self._lent.pop(buffer.data_ptr(), None)
+
     def give_back(self, buffer: torch.Tensor) -> None:
         with self._lock:
             whole = self._lent.pop(buffer.data_ptr(), None)

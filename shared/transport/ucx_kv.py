@@ -7,7 +7,8 @@ header message is needed.
 
 `KvSender.send` takes the buffers as an async iterable too and sends each one as soon as
 it is ready, so the prefill side gathers the next pair while this one is on the wire.
-Buffers on both ends come from huge-page backed host memory (`host_memory`).
+Large receive buffers (and the prefill side's pooled staging) are huge-page backed host
+memory (`host_memory`); a pair already contiguous in the KV is sent from it in place.
 """
 
 from __future__ import annotations
