@@ -9,7 +9,7 @@ answering a request needs no publish right (`allow_responses`).
 |-----------|--------------------------------------------------------|------------|
 | gateway   | place requests, prefill jobs, cancels                   | token streams, its admin endpoints |
 | scheduler | nothing (only replies)                                  | place requests, heartbeats, its admin endpoints |
-| worker    | heartbeats, token streams, decode jobs (hand-offs)      | its jobs and cancels, heartbeats, its admin endpoints |
+| worker    | heartbeats, token streams, decode jobs (hand-offs), place requests (another decoder) | its jobs and cancels, heartbeats, its admin endpoints |
 | admin     | admin endpoint calls, `$SRV` discovery                  | heartbeats (readiness, watching) |
 
 Services register admin endpoints with nats.micro, which answers `$SRV.PING|INFO|STATS`;
@@ -75,7 +75,8 @@ def role_permissions(subjects: Subjects, role: NatsRole) -> Permissions:
     if role is NatsRole.WORKER:
         jobs = (subjects.worker_prefill(ANY), subjects.worker_decode(ANY), subjects.worker_cancel(ANY))
         return Permissions(
-            publish=(subjects.heartbeat(ANY, ANY), all_streams, subjects.worker_decode(ANY)),
+            # place: a prefill worker whose decoder refused asks the scheduler for another
+            publish=(subjects.heartbeat(ANY, ANY), all_streams, subjects.worker_decode(ANY), subjects.place),
             subscribe=(*jobs, subjects.all_heartbeats, inbox, *service),
             allow_responses=True,
         )

@@ -59,7 +59,7 @@ def who_may(action: str, subject: str, subjects: Subjects = SUBJECTS) -> set[str
 @pytest.mark.parametrize(
     "action, subject, roles",
     [
-        ("publish", SUBJECTS.place, {"gateway"}),
+        ("publish", SUBJECTS.place, {"gateway", "worker"}),  # a worker asks for another decoder
         ("subscribe", SUBJECTS.place, {"scheduler"}),
         ("publish", SUBJECTS.worker_prefill("prefill-0"), {"gateway"}),
         ("publish", SUBJECTS.worker_decode("decode-1"), {"worker"}),  # hand-offs go worker to worker
