@@ -185,7 +185,11 @@ async def test_worker_cannot_call_admin_or_take_placements_but_admin_can(secured
         async def status(_: dict) -> dict:
             return {"kind": "scheduler", "answered": True}
 
+        async def place(msg):
+            await msg.respond(b"decode-1")
+
         service = await start_admin(scheduler.nc, SUBJECTS, "scheduler", "scheduler-t", {"status": status})
+        await scheduler.nc.subscribe(SUBJECTS.place, cb=place)
         await worker.nc.subscribe(SUBJECTS.place, cb=worker.collect)
         await settle(scheduler, worker)
         await gateway.nc.publish(SUBJECTS.place, b"placement")
@@ -193,9 +197,11 @@ async def test_worker_cannot_call_admin_or_take_placements_but_admin_can(secured
             await worker.nc.request(SUBJECTS.admin("scheduler-t", "drain"), b"{}", timeout=1.0)
         await settle(gateway, worker)
         answer = await call(admin.nc, SUBJECTS, "scheduler-t", "status")
+        another_decoder = await worker.nc.request(SUBJECTS.place, b"exclude decode-0", timeout=2.0)  # hand-off retry
         found = await discover(admin.nc, "pd", wait_s=0.3)
         await service.stop()
     assert answer == {"kind": "scheduler", "answered": True}
+    assert another_decoder.data == b"decode-1"
     assert [s["metadata"]["instance"] for s in found] == ["scheduler-t"]
     assert worker.received == []
     assert any("subscription" in e and SUBJECTS.place in e for e in worker.errors), worker.errors
@@ -229,15 +235,13 @@ def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 async def test_services_take_credentials_from_the_environment_and_fail_fast_without(secured):
     url, creds = secured
-    refused = cli("scheduler", "--nats", url)
-    assert refused.returncode == 2 and "refused" in refused.stderr, refused.stderr
     with pytest.raises(NatsCredentialsError, match="--nats-creds"):
         NatsAuth(creds.server_config_path).connect_options(SUBJECTS, NatsRole.SCHEDULER)  # not a credentials file
-    scheduler = processes.spawn(
-        [sys.executable, "-m", "services.cli", "scheduler", "--nats", url],
-        env={**os.environ, "PDSERVE_NATS_CREDS": str(creds.creds_file(NatsRole.SCHEDULER))},
-    )
+    scheduler_argv = [sys.executable, "-m", "services.cli", "scheduler", "--nats", url]
+    anonymous = subprocess.Popen(scheduler_argv, stderr=subprocess.PIPE, text=True)
+    scheduler = processes.spawn(scheduler_argv, env={**os.environ, "PDSERVE_NATS_CREDS": str(creds.creds_file(NatsRole.SCHEDULER))})
     try:
+        _, refusal = anonymous.communicate(timeout=60)
         async with Client(url, creds, NatsRole.ADMIN) as admin:
             deadline = time.monotonic() + 60
             while not (found := await discover(admin.nc, "pd", wait_s=0.3)) and time.monotonic() < deadline:
@@ -245,6 +249,7 @@ async def test_services_take_credentials_from_the_environment_and_fail_fast_with
             status = await call(admin.nc, SUBJECTS, found[0]["metadata"]["instance"], "status")
     finally:
         processes.stop([scheduler])
+    assert anonymous.returncode == 2 and "refused" in refusal, refusal
     assert [s["metadata"]["kind"] for s in found] == ["scheduler"]
     assert status["workers"] == []
 
