@@ -35,14 +35,15 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
 
 
-def _is_json(content_type: str) -> bool:
-    # aiohttp reports a missing header as application/octet-stream; clients that send no
-    # type at all are let through, anything else that is not JSON is refused.
-    return content_type in ("application/json", "application/octet-stream") or content_type.endswith("+json")
+def _is_json(request: web.Request) -> bool:
+    """Clients that send no Content-Type at all are let through; any other type is refused."""
+    if "Content-Type" not in request.headers:
+        return True
+    return request.content_type == "application/json" or request.content_type.endswith("+json")
 
 
 async def read_json(request: web.Request, kind: type[msgspec.Struct]) -> msgspec.Struct:
-    if not _is_json(request.content_type):
+    if not _is_json(request):
         raise RequestError(415, f"Content-Type must be application/json, got {request.content_type!r}")
     try:
         raw = await request.read()

@@ -42,7 +42,8 @@ def gateway():
 
 async def post(url: str, data: bytes, headers: dict) -> tuple[int, str, dict]:
     async with aiohttp.ClientSession() as session:
-        async with session.post(url, data=data, headers=headers) as response:
+        skip = () if "Content-Type" in headers else ("Content-Type",)  # else aiohttp adds octet-stream
+        async with session.post(url, data=data, headers=headers, skip_auto_headers=skip) as response:
             return response.status, response.content_type, json.loads(await response.text())
 
 
@@ -64,6 +65,7 @@ CHAT_CASES = {
     "message without content": (body(messages=[{"role": "user"}]), JSON, 400, "messages[0]"),
     "text/plain": (body(), {"Content-Type": "text/plain"}, 415, None),
     "form encoded (curl -d without -H)": (body(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, None),
+    "octet-stream": (body(), {"Content-Type": "application/octet-stream"}, 415, None),
     "larger than the limit": (body(messages=[{"role": "user", "content": "a" * MAX_BODY_BYTES}]), JSON, 413, None),
     "stop token id past the vocabulary": (body(stop_token_ids=[VOCAB]), JSON, 400, "stop_token_ids"),
     "seed past 64 bits": (body(seed=2**70), JSON, 400, "seed"),
