@@ -55,7 +55,7 @@ def check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
 
 
 def _error_response(error: RequestError) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None  # busy or unavailable: try again
     if error.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error.body(), status=error.status, headers=headers)
@@ -227,7 +227,7 @@ class Gateway:
                 if completion.stopped_by_string:
                     break  # closing the stream below cancels the request on its workers
             if completion.finish_reason is FinishReason.ERROR:
-                raise RequestError(500, completion.error or "generation failed")
+                raise RequestError(completion.error_status, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
                 raise RequestError(503, completion.error or "request cancelled")
             return web.json_response(completion.final(), headers=headers)
@@ -256,7 +256,7 @@ class Gateway:
             async for event in events:
                 delta = completion.absorb(event)
                 if event.finish_reason is FinishReason.ERROR:
-                    await send(RequestError(500, completion.error or "generation failed").body())
+                    await send(RequestError(completion.error_status, completion.error or "generation failed").body())
                     break
                 if event.finish_reason is FinishReason.CANCELLED:
                     await send(RequestError(503, completion.error or "request cancelled").body())
