@@ -212,7 +212,23 @@ class WorkerService:
             "kv_blocks_total": beat.total_kv_blocks,
             "draining": beat.draining,
             "metrics_port": self.metrics_port,
+            "in_flight": self._requests_held(),
+            **self._token_totals(),
         }
+
+    def _requests_held(self) -> int:
+        """Requests here in any phase, for `pdserve admin drain` progress (the request table will count them)."""
+        ctx = self.ctx
+        incoming_handoffs = max(0, ctx.waiting - len(ctx.prefills))  # accepted DecodeJobs not placed yet
+        return len(set(ctx.prefills) | set(ctx.streams.request_ids())) + incoming_handoffs + self.prefill.num_handoffs_in_flight
+
+    def _token_totals(self) -> dict:
+        """Counters `pdserve admin status --watch` turns into rates."""
+        registry = self.ctx.metrics.registry
+        labels = {"worker_id": self.ctx.worker_id, "role": self.ctx.role.label}
+        generated = registry.get_sample_value("pdserve_worker_generated_tokens_total", labels) or 0
+        prompt = registry.get_sample_value("pdserve_worker_prefill_tokens_total", labels) or 0
+        return {"generated_tokens_total": int(generated), "prompt_tokens_total": int(prompt)}
 
     async def _drain(self, _: dict) -> dict:
         if not self.ctx.draining:
