@@ -83,6 +83,8 @@ async def drain_worker(session: AdminSession, worker_id: str, wait_s: float, on_
             if exc.gone:  # its admin endpoints are gone: it finished and exited
                 return _ended(report, DrainOutcome.DRAINED, started)
             status = None  # busy for a moment: ask again
+        if status is not None and not status.get("draining", True):
+            return _ended(report, DrainOutcome.DRAINED, started)  # a new process took its id (a supervisor restarted it)
         if status is not None:
             report.requests_left = requests_held(status)
             if report.requests_at_start is None:
