@@ -13,7 +13,7 @@ import os
 
 from services.admin.client import AdminCallError, AdminSession
 from services.admin.commands import BAD_ARGUMENT, COMMANDS, AdminFailure, print_failure
-from services.admin.connection import NatsUnreachable, connect_admin
+from services.admin.connection import NatsUnreachable, check_url, connect_admin
 from shared.log import configure_logging
 from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
@@ -84,6 +84,8 @@ def register(admin: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     if args.nats:
+        if problem := check_url(args.nats):
+            raise AdminFailure(BAD_ARGUMENT, f"--nats: {problem}")
         return args.nats, args.prefix or "pd"
     stacks = running_stacks()
     if not stacks:

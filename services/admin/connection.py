@@ -56,6 +56,18 @@ def quiet_nats_logging() -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL + 1)
 
 
+SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_url(url: str) -> str | None:
+    """Why `url` (one URL or a comma-separated cluster) is not a NATS URL, if it is not."""
+    for server in url.split(","):
+        scheme, sep, _ = server.strip().partition("://")
+        if sep and scheme not in SCHEMES:
+            return f"{server.strip()!r} is not a NATS URL (nats://HOST:PORT; also {', '.join(SCHEMES[1:])})"
+    return None
+
+
 async def connect_admin(url: str, timeout: float, creds: str | None = None, name: str = "pd-admin") -> NatsClient:
     """Connected within `timeout` seconds, or NatsUnreachable with the first cause seen."""
     quiet_nats_logging()
@@ -65,12 +77,14 @@ async def connect_admin(url: str, timeout: float, creds: str | None = None, name
         reported.append(exc)
 
     nc = NatsClient()
+    servers = [server.strip() for server in url.split(",") if server.strip()]  # a cluster: a,b,c
     try:
         # max_reconnect_attempts=1 with no wait: nats.py tries each server twice at most
         # before NoServersError (0 would mean "forever" inside its server selection).
         await asyncio.wait_for(
             nc.connect(
-                servers=[url],
+                servers=servers,
+                dont_randomize=True,  # the first URL named is the first tried
                 name=name,
                 connect_timeout=timeout,
                 allow_reconnect=False,

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 from nats.errors import Error as NatsError
 
-from services.admin.connection import AUTHORIZATION, FAILED, HOST_NOT_FOUND, NO_ROUTE, REFUSED, TIMED_OUT, cause_of
+from services.admin.connection import AUTHORIZATION, FAILED, HOST_NOT_FOUND, NO_ROUTE, REFUSED, TIMED_OUT, cause_of, check_url
 from services.admin.drain import DrainOutcome, DrainReport, final_line, progress_line, requests_held
 from services.admin.requests import requests_lines
 from services.admin.schema import COMMANDS, VERSION, load_schema, versioned
@@ -28,6 +28,12 @@ from services.admin.status import status_lines, status_plain_lines, with_rates
 )
 def test_each_failure_has_its_cause(exc, cause):
     assert cause_of(exc)[0] == cause
+
+
+def test_only_nats_urls_are_tried():
+    assert check_url("nats://10.0.0.1:4222") is None and check_url("127.0.0.1:4222") is None
+    assert check_url("nats://a:4222,tls://b:4222") is None  # a cluster
+    assert "'http://a:4222' is not a NATS URL" in check_url("nats://b:4222,http://a:4222")
 
 
 def worker(worker_id: str, generated: int, prompt: int, **extra) -> dict:
