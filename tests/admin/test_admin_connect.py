@@ -1,7 +1,6 @@
 """`pdserve admin` fails fast: a wrong URL, a silent server or refused credentials get one clear line in seconds.
 
-Each case runs the real CLI as a subprocess; cases run side by side, because each Python
-start costs more than the check itself.
+Each case runs the real CLI as a subprocess.
 """
 
 import json
@@ -22,20 +21,19 @@ TIMEOUT_S = 1.5
 ANSWER_WITHIN_S = 10.0  # the bound: the timeout plus Python starts on a busy machine
 
 
-def run_side_by_side(*commands: list[str]) -> list[tuple[subprocess.CompletedProcess, float]]:
-    """Runs `pdserve admin <command> --timeout TIMEOUT_S` for each at once; (result, seconds) each."""
-    started = time.monotonic()
-    running = [
-        subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "admin", *command, "--timeout", str(TIMEOUT_S)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for command in commands
-    ]
+def run_each(*commands: list[str]) -> list[tuple[subprocess.CompletedProcess, float]]:
+    """Runs `pdserve admin <command> --timeout TIMEOUT_S` for each, one after the other; (result, seconds) each.
+
+    One at a time, so each one's time is its own and not its siblings' on a busy machine.
+    """
     results = []
-    for proc in running:
-        stdout, stderr = proc.communicate(timeout=60)
-        results.append((subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.monotonic() - started))
+    for command in commands:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", "admin", *command, "--timeout", str(TIMEOUT_S)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        results.append((result, time.monotonic() - started))
     return results
 
 
@@ -75,7 +73,7 @@ def test_every_command_answers_a_closed_port_with_one_line():
     url = f"nats://127.0.0.1:{processes.free_port()}"  # nothing listens there
     # They share one connect path; status, drain (the longest-running) and a --json run stand for all.
     commands = [["status"], ["drain", "decode-0"]]
-    results = run_side_by_side(*([*c, "--nats", url] for c in commands), ["status", "--nats", url, "--json"])
+    results = run_each(*([*c, "--nats", url] for c in commands), ["status", "--nats", url, "--json"])
     for result, seconds in results:
         assert_one_line_failure(result, seconds, url, REFUSED)
     assert all(result.stdout == "" for result, _ in results[:-1])
@@ -87,14 +85,14 @@ def test_a_server_that_never_speaks_times_out_within_the_timeout():
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
-        [(result, seconds)] = run_side_by_side(["status", "--nats", url])
+        [(result, seconds)] = run_each(["status", "--nats", url])
     assert_one_line_failure(result, seconds, url, TIMED_OUT)
     assert seconds >= TIMEOUT_S  # it did wait for the server, once
 
 
 def test_refused_credentials_are_an_authorization_violation(secured_nats):
     anonymous, wrong, right = (f"nats://{userinfo}127.0.0.1:{secured_nats}" for userinfo in ("", "a:wrong@", "a:b@"))
-    results = run_side_by_side(*(["status", "--nats", url, "--json"] for url in (anonymous, wrong, right)))
+    results = run_each(*(["status", "--nats", url, "--json"] for url in (anonymous, wrong, right)))
     for (result, seconds), url in zip(results[:2], (anonymous, wrong)):
         assert_one_line_failure(result, seconds, url, AUTHORIZATION)
         assert_error_object(result, url, AUTHORIZATION)
@@ -106,6 +104,6 @@ def test_refused_credentials_are_an_authorization_violation(secured_nats):
 
 
 def test_a_missing_credentials_file_names_the_flag():
-    [(result, _)] = run_side_by_side(["status", "--nats", "nats://127.0.0.1:1", "--nats-creds", "/nonexistent/admin.creds"])
+    [(result, _)] = run_each(["status", "--nats", "nats://127.0.0.1:1", "--nats-creds", "/nonexistent/admin.creds"])
     assert result.returncode == 1
     assert "--nats-creds" in result.stderr and "/nonexistent/admin.creds" in result.stderr

@@ -139,7 +139,7 @@ async def test_watch_without_a_terminal_prints_snapshots_until_sigint(stack):
 
 async def test_drain_reports_progress_then_what_it_ended(stack):
     await until_idle(stack)  # the previous test's cancelled request has left
-    async with long_request(stack, 600) as response:
+    async with long_request(stack, 500) as response:
         busy, now = await worker_holding_a_request(stack)
         idle = next(w["worker_id"] for w in now if w["worker_id"] != busy)
         (code, stdout, stderr), (idle_code, idle_stdout, _) = await asyncio.gather(
@@ -150,7 +150,7 @@ async def test_drain_reports_progress_then_what_it_ended(stack):
     lines = stdout.strip().splitlines()
     assert lines[0].startswith(f"{busy} draining: 1 request left after"), lines  # progress from the start
     assert lines[-1].startswith(f"{busy} drained: finished 1 request in "), lines
-    assert streamed == 600  # drained, not cut short
+    assert streamed == 500  # drained, not cut short
     assert idle_code == 0
     report = json.loads(idle_stdout)
     jsonschema.validate(report, load_schema("drain"))
