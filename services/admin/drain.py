@@ -1,7 +1,7 @@
 """`pdserve admin drain`: ask workers to drain, then follow each until it has left.
 
 The worker does the draining (stop taking work, finish what it holds, exit). Admin polls
-its `status` every second: `in_flight` (requests held in any phase) is the progress, and
+its `status` every second: `requests` (its request table's size) is the progress, and
 "no responders" means the worker has exited, i.e. drained. Past `--wait` seconds admin
 stops following and says how many requests were still running (the worker keeps draining).
 """
@@ -41,8 +41,8 @@ class DrainReport:
 
 
 def requests_held(status: dict) -> int:
-    """Requests the worker holds; workers without `in_flight` give an upper estimate."""
-    return status["in_flight"] if "in_flight" in status else status["running"] + status["waiting"]
+    """Requests in the worker's request table, any phase."""
+    return status["requests"]
 
 
 def plural(count: int) -> str:

@@ -1,10 +1,11 @@
 """`pdserve admin requests`: the requests in flight on every worker, from their request tables.
 
-Each worker answers its admin endpoint `requests` with
-`{"instance": ID, "requests": [{"request_id", "phase", "rank"?, "prompt_tokens",
-"generated_tokens", "age_s", "kv_blocks"}]}` (docs/admin.md). Admin asks every worker at
-once, tags each row with its worker, and lists workers that did not answer separately,
-so one stuck worker does not hide the others' requests.
+Each worker answers its admin endpoint `requests` with `{"instance": ID, "ranks": N,
+"requests": [{"request_id", "phase", "path", "prompt_tokens", "generated_tokens", "age_s",
+"kv_blocks", "rank"?}]}` (docs/admin.md; services/worker/service.py `_requests`). Admin asks
+every worker at once, tags each row with its worker (and the instance's rank count), and
+lists workers that did not answer separately, so one stuck worker does not hide the
+others' requests.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ async def take_requests(session: AdminSession, worker_ids: list[str] | None = No
             report["errors"].append({"instance": worker_id, "message": answer})
             continue
         try:
-            report["requests"] += [_row(worker_id, entry) for entry in answer["requests"]]
+            report["requests"] += [_row(worker_id, answer.get("ranks", 1), entry) for entry in answer["requests"]]
         except (KeyError, TypeError) as exc:  # a worker speaking another contract: say so, keep the others
             report["errors"].append({"instance": worker_id, "message": f"malformed requests reply (missing {exc})"})
     report["requests"].sort(key=lambda r: (r["worker_id"], r.get("rank", 0), -r["age_s"]))
@@ -40,23 +41,28 @@ async def _requests_of(session: AdminSession, worker_id: str) -> dict | str:
         return str(exc)
 
 
-def _row(worker_id: str, entry: dict) -> dict:
-    row = {"worker_id": worker_id, **{field: entry[field] for field in ROW_FIELDS}}
-    if "rank" in entry:
-        row["rank"] = entry["rank"]
-    return row
+OPTIONAL_FIELDS = ("path", "rank")
+
+
+def _row(worker_id: str, ranks: int, entry: dict) -> dict:
+    row = {"worker_id": worker_id, "ranks": ranks, **{field: entry[field] for field in ROW_FIELDS}}
+    return row | {field: entry[field] for field in OPTIONAL_FIELDS if field in entry}
 
 
 def _where(row: dict) -> str:
-    return f"{row['worker_id']}/{row['rank']}" if "rank" in row else row["worker_id"]
+    """decode-0 (one rank), decode-0/2 (on rank 2), decode-0/0-3 (across ranks 0 to 3)."""
+    if "rank" in row:
+        return f"{row['worker_id']}/{row['rank']}"
+    return f"{row['worker_id']}/0-{row['ranks'] - 1}" if row["ranks"] > 1 else row["worker_id"]
 
 
 def requests_lines(report: dict) -> list[str]:
-    lines = [f"{'request':<34} {'worker/rank':<18} {'phase':<12} {'prompt':>7} {'generated':>9} {'age s':>7} {'kv blocks':>9}"]
+    width = max([len("request"), *(len(r["request_id"]) for r in report["requests"])])
+    lines = [f"{'request':<{width}} {'worker/rank':<14} {'path':<9} {'phase':<12} {'prompt':>7} {'generated':>9} {'age s':>7} {'kv blocks':>9}"]
     for r in report["requests"]:
         lines.append(
-            f"{r['request_id']:<34} {_where(r):<18} {r['phase']:<12} {r['prompt_tokens']:>7} {r['generated_tokens']:>9} "
-            f"{r['age_s']:>7.1f} {r['kv_blocks']:>9}"
+            f"{r['request_id']:<{width}} {_where(r):<14} {r.get('path', '-'):<9} {r['phase']:<12} {r['prompt_tokens']:>7} "
+            f"{r['generated_tokens']:>9} {r['age_s']:>7.1f} {r['kv_blocks']:>9}"
         )
     if not report["requests"]:
         lines.append("(no requests in flight)")
@@ -67,7 +73,7 @@ def requests_lines(report: dict) -> list[str]:
 def requests_plain_lines(report: dict) -> list[str]:
     stamp = time.strftime("%H:%M:%S", time.localtime(report["time"]))
     lines = [
-        f"{stamp} {r['request_id']} worker={_where(r)} phase={r['phase']} prompt={r['prompt_tokens']} "
+        f"{stamp} {r['request_id']} worker={_where(r)} path={r.get('path', '-')} phase={r['phase']} prompt={r['prompt_tokens']} "
         f"generated={r['generated_tokens']} age_s={r['age_s']:.1f} kv_blocks={r['kv_blocks']}"
         for r in report["requests"]
     ]

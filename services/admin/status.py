@@ -2,7 +2,7 @@
 
 A snapshot asks every discovered service for its `status` at once, takes the workers as
 the scheduler sees them (heartbeats: load, KV use, queues) and joins each with the
-worker's own answer (requests held, token totals). Rates need two snapshots: `--watch`
+worker's own answer (requests in its request table, token totals). Rates need two snapshots: `--watch`
 passes the previous one to `with_rates`.
 """
 
@@ -13,8 +13,8 @@ import time
 
 from services.admin.client import AdminCallError, AdminSession
 
-# Fields a worker's own `status` adds to what the scheduler knows from its heartbeats.
-WORKER_OWN_FIELDS = ("in_flight", "generated_tokens_total", "prompt_tokens_total")
+# What a worker's own `status` adds to what the scheduler knows from its heartbeats: its field -> ours.
+WORKER_OWN_FIELDS = {"requests": "in_flight", "generated_tokens_total": "generated_tokens_total", "prompt_tokens_total": "prompt_tokens_total"}
 
 
 async def take_status(session: AdminSession) -> dict:
@@ -31,7 +31,7 @@ async def take_status(session: AdminSession) -> dict:
     own = {s["instance"]: s["status"] for s in report["services"] if s["kind"] == "worker" and "status" in s}
     for worker in report["workers"]:
         mine = own.get(worker["worker_id"], {})
-        worker.update({field: mine[field] for field in WORKER_OWN_FIELDS if field in mine})
+        worker.update({ours: mine[theirs] for theirs, ours in WORKER_OWN_FIELDS.items() if theirs in mine})
     return report
 
 

@@ -2,8 +2,9 @@
 
 The stand-ins below are NATS micro services registered the way every pdserve service
 registers (shared.admin); they answer what docs/admin.md says a worker's request table
-answers, so this checks admin's merging, tagging, error reporting and schema, not the
-workers' tables.
+answers, including what today's workers do not send yet (a row's `rank`), so this checks
+admin's merging, tagging, error reporting and schema. The real tables:
+tests/admin/test_admin_stack.py::test_requests_lists_each_phase_and_forgets_what_ended.
 """
 
 import jsonschema
@@ -16,8 +17,8 @@ from shared.admin import start_admin
 from shared.subjects import Subjects
 
 ROWS = [
-    {"request_id": "cmpl-a", "phase": "decoding", "rank": 0, "prompt_tokens": 40, "generated_tokens": 12, "age_s": 1.5, "kv_blocks": 4},
-    {"request_id": "cmpl-b", "phase": "prefilling", "prompt_tokens": 900, "generated_tokens": 0, "age_s": 0.2, "kv_blocks": 57},
+    {"request_id": "cmpl-a", "phase": "decoding", "path": "disagg", "prompt_tokens": 40, "generated_tokens": 12, "age_s": 1.5, "kv_blocks": 4},
+    {"request_id": "cmpl-b", "phase": "prefilling", "rank": 2, "prompt_tokens": 900, "generated_tokens": 0, "age_s": 0.2, "kv_blocks": 57},
 ]
 
 
@@ -26,7 +27,7 @@ async def test_requests_are_tagged_by_worker_and_a_bad_answer_is_reported(nats_s
     nc = await connect_admin(nats_server.url, timeout=5.0)
 
     async def table(_: dict) -> dict:
-        return {"instance": "decode-7", "requests": ROWS}
+        return {"instance": "decode-7", "ranks": 4, "requests": ROWS}
 
     async def other_contract(_: dict) -> dict:
         return {"instance": "decode-8", "items": []}
@@ -49,9 +50,10 @@ async def test_requests_are_tagged_by_worker_and_a_bad_answer_is_reported(nats_s
         ("decode-7", "cmpl-a", "decoding"),
         ("decode-7", "cmpl-b", "prefilling"),
     ]
-    assert report["requests"][0]["rank"] == 0 and "rank" not in report["requests"][1]
+    assert [r.get("rank") for r in report["requests"]] == [None, 2] and report["requests"][0]["ranks"] == 4
     assert {e["instance"] for e in report["errors"]} == {"decode-8", "decode-9"}
     assert only_one["errors"] == [] and len(only_one["requests"]) == 2
     lines = requests_lines(report)
-    assert "decode-7/0" in lines[1] and "decoding" in lines[1]
+    assert "decode-7/0-3" in lines[1] and "disagg" in lines[1] and "decoding" in lines[1]  # held across the 4 ranks
+    assert "decode-7/2 " in lines[2]
     assert any(line.startswith("decode-9: ") and "'requests'" in line for line in lines)

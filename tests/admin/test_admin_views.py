@@ -67,15 +67,14 @@ def test_drain_lines_say_what_ended():
     late = DrainReport("decode-1", DrainOutcome.TIMED_OUT, requests_at_start=3, requests_left=1, seconds=10.0)
     assert final_line(late).startswith("decode-1: timed out after 10.0 s with 1 request still running")
     assert "not waiting" in final_line(DrainReport("decode-1", DrainOutcome.DRAINING, requests_at_start=0))
-    assert requests_held({"in_flight": 2, "running": 5, "waiting": 5}) == 2
-    assert requests_held({"running": 1, "waiting": 1}) == 2  # an older worker: an upper estimate
+    assert requests_held({"requests": 2, "running": 1, "waiting": 1}) == 2
 
 
 def test_schemas_load_and_reject_what_scripts_could_not_read():
     assert {load_schema(name)["$id"] for name in COMMANDS} == {f"{VERSION}/{name}" for name in COMMANDS}
     good = versioned({"time": 1.0, "requests": [], "errors": []})
     jsonschema.validate(good, load_schema("requests"))
-    row = {"worker_id": "d", "request_id": "r", "phase": "decoding", "prompt_tokens": 5, "generated_tokens": 1, "age_s": 0.5, "kv_blocks": 1}
+    row = {"worker_id": "d", "ranks": 1, "request_id": "r", "phase": "decoding", "prompt_tokens": 5, "generated_tokens": 1, "age_s": 0.5, "kv_blocks": 1}
     jsonschema.validate({**good, "requests": [row]}, load_schema("requests"))
     for broken in ({**good, "version": "pdserve.admin/v0"}, {**good, "requests": [{**row, "phase": "sleeping"}]}, {"time": 1.0, "requests": []}):
         with pytest.raises(jsonschema.ValidationError):
