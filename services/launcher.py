@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 
 from services.scheduler.policy import Mode
+from services.stack_auth import StackAuth
 from shared import processes, protocol
+from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
 from shared.protocol import Heartbeat
 from shared.runtime import connect_nats
@@ -88,8 +90,8 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], children, timeout: float, interrupted) -> None:
-    nc = await connect_nats(nats_url, "pd-launcher")
+async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], children, timeout: float, interrupted, options: dict) -> None:
+    nc = await connect_nats(nats_url, "pd-launcher", options=options)
     seen: set[str] = set()
     decoder = protocol.decoder(Heartbeat)
 
@@ -133,6 +135,7 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         _check_port_free(args.host, args.port)
         plan_summary = _transfer_plan_summary(args, mode)
+        auth = StackAuth.prepare(args, Subjects(args.prefix))
     except (StackError, ValueError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
@@ -148,13 +151,13 @@ def run_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    nats = None if args.nats else EmbeddedNats().start()
+    nats = None if args.nats else EmbeddedNats(config=auth.server_config).start()
     nats_url = args.nats or nats.url
     subjects = Subjects(args.prefix)
     workers = _worker_plans(mode, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
-    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, *auth.nats.tls_flags()]
     commands = [base + ["scheduler", *common, "--mode", mode.value]]
     for worker in workers:
         commands.append(
@@ -178,11 +181,15 @@ def run_stack(args: argparse.Namespace) -> int:
     exit_code = 0
     state_file = None
     try:
-        children = [processes.spawn(command) for command in commands]
-        asyncio.run(_wait_for_workers(nats_url, subjects, {w.worker_id for w in workers}, children, READY_TIMEOUT_S, lambda: stop_requested))
+        # The subcommand (scheduler, worker, gateway) is the NATS role its secrets are for.
+        children = [processes.spawn(command, env=auth.child_env(NatsRole(command[3]))) for command in commands]
+        admin_options = auth.connect_options(NatsRole.ADMIN)
+        asyncio.run(_wait_for_workers(nats_url, subjects, {w.worker_id for w in workers}, children, READY_TIMEOUT_S, lambda: stop_requested, admin_options))
         processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
         gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
+        if auth.generated_api_key:
+            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
         print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
         while not stop_requested:
             _raise_if_any_failed(children)
@@ -196,4 +203,5 @@ def run_stack(args: argparse.Namespace) -> int:
         processes.stop(list(reversed(children)))  # gateway first, nats-server after all
         if nats is not None:
             nats.stop()
+        auth.close()
     return exit_code

@@ -1,20 +1,25 @@
 """`pdserve admin status|requests|drain|policy|loglevel|cancel`: operate a running deployment over NATS.
 
-Without --nats, the NATS server of a `pdserve up` running on this machine is used. Every
-command reaches NATS within --timeout or exits 1 with one line naming the URL and the
-cause; --json outputs follow docs/admin.md (schemas in services/admin/schemas/).
+Without --nats, the NATS server of a `pdserve up` running on this machine is used, with
+that stack's admin credentials; so is a --nats URL that belongs to such a stack, unless
+--nats-creds says otherwise. Every command reaches NATS within --timeout or exits 1 with
+one line naming the URL and the cause; --json outputs follow docs/admin.md (schemas in
+services/admin/schemas/).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import dataclasses
+from pathlib import Path
 
 from services.admin.client import AdminCallError, AdminSession
 from services.admin.commands import BAD_ARGUMENT, COMMANDS, AdminFailure, print_failure
 from services.admin.connection import NatsUnreachable, check_url, connect_admin
+from shared import nats_auth
 from shared.log import configure_logging
+from shared.nats_permissions import NatsRole
 from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
 
@@ -51,10 +56,7 @@ def register(admin: argparse.ArgumentParser) -> None:
             "--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
             help=f"give up reaching NATS, or waiting for a service's answer, after this long (default {DEFAULT_TIMEOUT_S:g})",
         )  # fmt: skip
-        parser.add_argument(
-            "--nats-creds", metavar="FILE", default=os.environ.get("PDSERVE_NATS_CREDS"),
-            help="NATS credentials file (default: $PDSERVE_NATS_CREDS)",
-        )  # fmt: skip
+        nats_auth.add_arguments(parser, creds_help="admin credentials (default: those of the local `pdserve up` this URL belongs to)")
         return parser
 
     def watchable(parser: argparse.ArgumentParser) -> None:
@@ -82,28 +84,37 @@ def register(admin: argparse.ArgumentParser) -> None:
     cancel.add_argument("request_id")
 
 
-def _target(args: argparse.Namespace) -> tuple[str, str]:
+def _target(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """(NATS URL, prefix, admin credentials file or None)."""
+    stacks = running_stacks()
     if args.nats:
         if problem := check_url(args.nats):
             raise AdminFailure(BAD_ARGUMENT, f"--nats: {problem}")
-        return args.nats, args.prefix or "pd"
-    stacks = running_stacks()
+        local = next((s for s in stacks if s["nats_url"] == args.nats), {})
+        return args.nats, args.prefix or local.get("prefix", "pd"), args.nats_creds or local.get("admin_creds")
     if not stacks:
         raise AdminFailure(NO_DEPLOYMENT, "no running `pdserve up` found on this machine; pass --nats URL")
-    return stacks[0]["nats_url"], args.prefix or stacks[0]["prefix"]
+    return stacks[0]["nats_url"], args.prefix or stacks[0]["prefix"], args.nats_creds or stacks[0].get("admin_creds")
+
+
+def _connect_options(args: argparse.Namespace, subjects: Subjects, creds: str | None) -> dict:
+    """Credentials and TLS for nats.connect (shared/nats_auth.py), as admin's role."""
+    auth = dataclasses.replace(nats_auth.NatsAuth.from_args(args), creds=Path(creds) if creds else None)
+    try:
+        return auth.connect_options(subjects, NatsRole.ADMIN)
+    except nats_auth.NatsCredentialsError as exc:  # names the flag
+        raise AdminFailure(BAD_ARGUMENT, str(exc)) from None
 
 
 async def _run(args: argparse.Namespace) -> int:
     url = None
     try:
-        if args.nats_creds and not os.path.isfile(args.nats_creds):
-            raise AdminFailure(BAD_ARGUMENT, f"--nats-creds: no such file {args.nats_creds!r}")
-        url, prefix = _target(args)
+        url, prefix, creds = _target(args)
         try:
             subjects = Subjects(prefix)
         except ValueError as exc:
             raise AdminFailure(BAD_ARGUMENT, f"--prefix: {exc}") from None
-        nc = await connect_admin(url, args.timeout, args.nats_creds)
+        nc = await connect_admin(url, args.timeout, _connect_options(args, subjects, creds))
         try:
             return await COMMANDS[args.admin_command](AdminSession(nc, url, subjects, args.timeout), args)
         finally:

@@ -68,8 +68,11 @@ def check_url(url: str) -> str | None:
     return None
 
 
-async def connect_admin(url: str, timeout: float, creds: str | None = None, name: str = "pd-admin") -> NatsClient:
-    """Connected within `timeout` seconds, or NatsUnreachable with the first cause seen."""
+async def connect_admin(url: str, timeout: float, options: dict | None = None, name: str = "pd-admin") -> NatsClient:
+    """Connected within `timeout` seconds, or NatsUnreachable with the first cause seen.
+
+    `options`: credentials, TLS and inbox prefix for nats.connect (shared/nats_auth.py).
+    """
     quiet_nats_logging()
     reported: list[BaseException] = []
 
@@ -90,8 +93,8 @@ async def connect_admin(url: str, timeout: float, creds: str | None = None, name
                 allow_reconnect=False,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0,
-                user_credentials=creds,
                 error_cb=on_error,
+                **(options or {}),
             ),
             timeout,
         )

@@ -66,7 +66,7 @@ async def completion_tokens(response: aiohttp.ClientResponse) -> int:
 
 @contextlib.asynccontextmanager
 async def session_to(stack):
-    nc = await connect_admin(stack.nats_url, timeout=5.0)
+    nc = await connect_admin(stack.nats_url, timeout=5.0, options=stack.admin_nats_options())  # `pdserve up` NATS: admin's user
     try:
         yield AdminSession(nc, stack.nats_url, Subjects("pd"), 5.0)
     finally:
