@@ -262,6 +262,7 @@ class WorkerService:
             "ended": dict(self.ctx.requests.ended),
             "metrics_port": self.metrics_port,
             "ranks": self._rank_rows(beat),
+            **self._token_totals(),
         }
 
     def _rank_rows(self, beat: Heartbeat) -> list[dict]:
@@ -285,6 +286,14 @@ class WorkerService:
     def _local_totals(self) -> tuple[int, int]:
         local = getattr(self.group, "local", None) or self.group.ranks[0]
         return local.bytes_sent, local.bytes_received
+
+    def _token_totals(self) -> dict:
+        """Counters `pdserve admin status --watch` turns into rates."""
+        registry = self.ctx.metrics.registry
+        labels = {"worker_id": self.ctx.worker_id, "role": self.ctx.role.label}
+        generated = registry.get_sample_value("pdserve_worker_generated_tokens_total", labels) or 0
+        prompt = registry.get_sample_value("pdserve_worker_prefill_tokens_total", labels) or 0
+        return {"generated_tokens_total": int(generated), "prompt_tokens_total": int(prompt)}
 
     async def _requests(self, _: dict) -> dict:
         """The request table: what each in-flight request is doing here and what it holds."""
