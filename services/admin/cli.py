@@ -12,6 +12,7 @@ import sys
 
 from services.admin.client import AdminCallError, call, discover
 from shared.log import configure_logging
+from shared.nats_failover import nats_urls_from
 from shared.runtime import close_nats, connect_nats
 from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
@@ -22,7 +23,7 @@ def register(admin: argparse.ArgumentParser) -> None:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("--nats", metavar="URL", help="NATS URL (default: the one of a running `pdserve up`)")
+        parser.add_argument("--nats", metavar="URL", help="NATS URLs (default: $PDSERVE_NATS, else the one of a running `pdserve up`)")
         parser.add_argument("--prefix", default=None, help="NATS subject prefix (default: pd)")
         parser.add_argument("--json", action="store_true", help="print JSON")
         return parser
@@ -42,8 +43,8 @@ def register(admin: argparse.ArgumentParser) -> None:
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
-    if args.nats:
-        return args.nats, args.prefix or "pd"
+    if nats_urls_from(args.nats):  # --nats, else $PDSERVE_NATS
+        return nats_urls_from(args.nats), args.prefix or "pd"
     stacks = running_stacks()
     if not stacks:
         raise SystemExit("pdserve admin: no running `pdserve up` found on this machine; pass --nats URL")

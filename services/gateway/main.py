@@ -9,8 +9,10 @@ from aiohttp import web
 
 from services.gateway.app import Gateway, GatewayLimits
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.readiness import ReadinessProbe
 from shared.admin import AdminError, start_admin
-from shared.engine.loader import load_model_config
+from shared.engine.generation_defaults import NO_DEFAULTS
+from shared.engine.loader import load_generation_defaults, load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
@@ -43,7 +45,8 @@ async def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
     )
-    gateway = Gateway(args.model, tokenizer, dispatcher, limits)
+    generation = load_generation_defaults(args.model) if args.generation_config == "model" else NO_DEFAULTS
+    gateway = Gateway(args.model, tokenizer, dispatcher, limits, ReadinessProbe(nc, subjects, args.model), generation)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # cancels the request on the workers (see Dispatcher).
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
@@ -53,7 +56,7 @@ async def run(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     instance_id = f"gateway-{uuid.uuid4().hex[:8]}"
     admin = await start_admin(nc, subjects, "gateway", instance_id, admin_handlers(gateway, instance_id, url))
-    log.info("gateway_started", url=url, model=args.model, instance=instance_id)
+    log.info("gateway_started", url=url, model=args.model, instance=instance_id, sampling_defaults=generation.to_json())
     await stop.wait()
     log.info("gateway_stopping")
     await admin.stop()

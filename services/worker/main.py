@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import uuid
 
 import torch
@@ -13,11 +12,13 @@ from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
 from shared.engine.dtypes import default_dtype, parse_dtype
 from shared.engine.engine import Engine, SchedulingConfig
+from shared.engine import load_progress
 from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.protocol import Role
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
+from shared.transport.ucx_host import UcxHostError, keep_ucx_on, resolve_ucx_host
 
 STOP_TIMEOUT_S = 15.0
 
@@ -26,11 +27,6 @@ STOP_TIMEOUT_S = 15.0
 # decodes keeps steps short, so a long prompt runs in chunks between decode steps instead
 # of stalling every stream beside it.
 DEFAULT_STEP_TOKENS = {Role.PREFILL: 2048, Role.DECODE: 512, Role.BOTH: 512}
-
-
-def resolve_ucx_host(value: str) -> str:
-    """`auto`: this host's address as its peers see it (a container's own IP under compose)."""
-    return socket.gethostbyname(socket.gethostname()) if value == "auto" else value
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -44,6 +40,11 @@ async def run(args: argparse.Namespace) -> int:
         layout = parse_worker_layout(role, args.layout)
     except ValueError as exc:
         raise SystemExit(f"pdserve {args.command}: --layout: {exc}") from None
+    try:
+        ucx_host = resolve_ucx_host(args.ucx_host)  # an address, an interface or auto (ucx_host.py)
+    except UcxHostError as exc:
+        raise SystemExit(f"pdserve {args.command}: {exc}") from None
+    keep_ucx_on(ucx_host)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = parse_dtype(args.dtype, device) if args.dtype else default_dtype(device)
     loaded = load_model(args.model, dtype=dtype, ep=layout.ep)
@@ -53,6 +54,7 @@ async def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,  # the worker refuses first (429), so the engine's queue never overflows
     )
+    load_progress.report("preparing the engine (KV cache, kernels)")
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype, scheduling=scheduling)
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
     service = WorkerService(
@@ -63,7 +65,7 @@ async def run(args: argparse.Namespace) -> int:
         loaded,
         engine,
         layout=layout,
-        ucx_host=resolve_ucx_host(args.ucx_host),
+        ucx_host=ucx_host.address,
         max_waiting=args.max_waiting,
         metrics_port=args.metrics_port,
         on_drained=stop.set,

@@ -18,6 +18,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from shared.engine import load_progress
 from shared.engine.block_weights import BlockFormat, BlockWeight
 from shared.engine.config import ModelConfig
 from shared.engine.model import CausalLM
@@ -161,7 +162,8 @@ class GgufFile:
         with torch.device("meta"):
             names = list(CausalLM(config).state_dict())
         weights = {}
-        for ours in names:
+        for index, ours in enumerate(names):
+            load_progress.report("converting GGUF weights", index + 1, len(names))
             array = _in_hf_row_order(self.tensor(gguf_tensor_name(ours)), ours, config)
             # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
             weights[ours] = torch.from_numpy(np.require(array, requirements=["C", "W"]))

@@ -2,6 +2,7 @@
 
     load_model(name_or_path, dtype=None, ep=1) -> LoadedModel
     load_model_config(name_or_path) -> ModelConfig       (metadata only: for the gateway)
+    load_generation_defaults(name_or_path)                (metadata only: recommended sampling)
     load_tokenizer(name_or_path)                          (in tokenizer.py, also metadata only)
 
 Where the weights come from (`presets.resolve_source`):
@@ -14,6 +15,7 @@ Where the weights come from (`presets.resolve_source`):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import structlog
 import torch
 from torch import nn
 
+from shared.engine import load_progress
 from shared.engine.block_weights import BlockWeight
 from shared.engine.config import ModelConfig
 from shared.engine.dtypes import parse_dtype
@@ -29,11 +32,18 @@ from shared.engine.gguf_file import GgufFile
 from shared.engine.hf_checkpoint import HfCheckpoint
 from shared.engine.model import CausalLM
 from shared.engine.moe import SparseMoeBlock
-from shared.engine.presets import GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
+from shared.engine.generation_defaults import (
+    GGUF_KEYS,
+    NO_DEFAULTS,
+    GenerationDefaults,
+    from_gguf_fields,
+    from_hf_generation_config,
+)
+from shared.engine.presets import PRESETS, GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
 from shared.engine.tokenizer import ChatTokenizer, tokenizer_for
 from shared.engine.weight_cache import WeightCache
 
-__all__ = ["LoadedModel", "list_models", "load_model", "load_model_config", "random_weights"]
+__all__ = ["LoadedModel", "list_models", "load_generation_defaults", "load_model", "load_model_config", "random_weights"]
 
 log = structlog.get_logger()
 
@@ -71,19 +81,23 @@ def load_model(
             config = gguf.model_config()
             tokenizer = ChatTokenizer.from_gguf(gguf)
             cache = weight_cache if weight_cache is not None else WeightCache()
+            load_progress.report("reading weights")
             weights = cache.load_or_convert(path, dtype, parameter_shapes(config), lambda: gguf.state_dict(config))
             if dtype == torch.float32:
+                load_progress.report("checking GGUF blocks")
                 block_weights = exact_block_weights(gguf.block_weights(config, linear_weight_names(config)), weights)
         case HfFolderSource(path=path):
             checkpoint = HfCheckpoint(path)
             config = checkpoint.model_config()
             tokenizer = tokenizer_for(source, config)
+            load_progress.report("reading weights")
             weights = checkpoint.state_dict(config, dtype)
         case RandomSource(config=config, seed=seed, std=std):
             tokenizer = tokenizer_for(source)
             weights = {key: tensor.to(dtype) for key, tensor in random_weights(config, seed, std).items()}
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{name}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    load_progress.report("building model")
     return LoadedModel(str(name), config, CausalLM.from_state_dict(config, weights, ep=ep), tokenizer, block_weights)
 
 
@@ -96,6 +110,20 @@ def load_model_config(name: str | Path) -> ModelConfig:
             return HfCheckpoint(path).model_config()
         case RandomSource(config=config):
             return config
+
+
+def load_generation_defaults(name: str | Path) -> GenerationDefaults:
+    """The model's recommended sampling settings (metadata only): generation_defaults.py says from where."""
+    if isinstance(name, str) and name in PRESETS:
+        return PRESETS[name].generation
+    match resolve_source(name):
+        case HfFolderSource(path=path) if (path / "generation_config.json").is_file():
+            raw = json.loads((path / "generation_config.json").read_text())
+            return from_hf_generation_config(raw, str(path / "generation_config.json"))
+        case GgufSource(path=path):
+            gguf = GgufFile(path)
+            return from_gguf_fields({key: gguf.field(key, None) for key in GGUF_KEYS.values()}, str(path))
+    return NO_DEFAULTS
 
 
 def linear_weight_names(config: ModelConfig) -> list[str]:

@@ -32,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from shared.engine import load_progress
+
 FORMAT_VERSION = "1"
 _HEADER_BYTES = 1 << 20
 
@@ -104,6 +106,7 @@ class WeightCache:
             return cached
         self.misses += 1
         weights = {name: tensor.to(dtype).contiguous() for name, tensor in convert().items()}
+        load_progress.report("writing the converted weights to the cache")
         self._write(path, key, weights)
         return weights
 
