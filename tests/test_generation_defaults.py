@@ -16,8 +16,8 @@ from shared.engine.loader import load_generation_defaults
 
 def test_presets_state_theirs():
     smollm2 = load_generation_defaults("smollm2-135m")
-    assert (smollm2.temperature, smollm2.top_p, smollm2.top_k) == (0.2, 0.9, None)
-    assert "model card" in smollm2.source
+    assert (smollm2.temperature, smollm2.top_p, smollm2.top_k) == (0.0, None, None)  # greedy, as HF's generate()
+    assert "generation_config.json" in smollm2.source
     assert load_generation_defaults("tiny-llama") == GenerationDefaults()  # random weights recommend nothing
 
 
@@ -31,9 +31,10 @@ def test_hf_folder_generation_config_is_read(tmp_path):
     assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.6, 0.95, 20)
 
 
-def test_do_sample_false_means_greedy_and_odd_values_are_ignored():
+def test_without_do_sample_it_is_greedy_and_odd_values_are_ignored():
     assert from_hf_generation_config({"do_sample": False, "temperature": 0.7}, "x").temperature == 0.0
-    odd = from_hf_generation_config({"temperature": "hot", "top_k": True, "top_p": 0.8}, "x")
+    assert from_hf_generation_config({"bos_token_id": 1, "eos_token_id": 2}, "x").temperature == 0.0
+    odd = from_hf_generation_config({"do_sample": True, "temperature": "hot", "top_k": True, "top_p": 0.8}, "x")
     assert (odd.temperature, odd.top_k, odd.top_p) == (None, None, 0.8)
 
 

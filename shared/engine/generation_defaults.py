@@ -1,8 +1,9 @@
 """A model's recommended sampling settings, used when a request leaves them unset.
 
 Where they come from (`loader.load_generation_defaults`):
-- an HF folder: its `generation_config.json` (`temperature`, `top_p`, `top_k`; an explicit
-  `"do_sample": false` means greedy, as transformers reads it);
+- an HF folder: its `generation_config.json`, read as transformers' `generate()` reads it:
+  with `"do_sample": true`, its `temperature`, `top_p` and `top_k`; without it (or false),
+  greedy decoding;
 - a .gguf file: llama.cpp's `general.sampling.temp|top_p|top_k` keys, when present;
 - a preset: what the preset states (presets.py).
 A setting the model does not recommend falls back to the OpenAI API's default
@@ -33,8 +34,8 @@ GGUF_KEYS = {"temperature": "general.sampling.temp", "top_p": "general.sampling.
 
 
 def from_hf_generation_config(raw: dict[str, Any], source: str) -> GenerationDefaults:
-    if raw.get("do_sample") is False:
-        return GenerationDefaults(temperature=0.0, source=f"{source} (do_sample: false, greedy)")
+    if raw.get("do_sample") is not True:  # transformers' default: do_sample=False, greedy
+        return GenerationDefaults(temperature=0.0, source=f"{source} (no do_sample: greedy)")
     return GenerationDefaults(
         temperature=_number(raw.get("temperature"), float),
         top_p=_number(raw.get("top_p"), float),

@@ -70,9 +70,11 @@ class Preset:
 
 
 # HF's generation_config.json for SmolLM2-135M-Instruct names no sampling settings (only
-# bos/eos/pad ids) and the GGUF has no general.sampling.* keys; the model card's example
-# samples with temperature 0.2 and top_p 0.9, so those are its defaults here.
-SMOLLM2_GENERATION = GenerationDefaults(temperature=0.2, top_p=0.9, source="SmolLM2-135M-Instruct model card")
+# bos/eos/pad ids), so transformers decodes greedily, and the GGUF has no general.sampling.*
+# keys. (The model card's example samples at temperature 0.2, top_p 0.9: on this Q4_1 copy
+# that answers "What is the capital of France?" in French noise about half the time, as
+# "The" and "L" start the answer with probabilities 0.15 and 0.14.)
+SMOLLM2_GENERATION = GenerationDefaults(temperature=0.0, source="SmolLM2-135M-Instruct generation_config.json (greedy)")
 
 
 # SmolLM2's tokenizer ids, so the tiny models speak the same vocabulary.
