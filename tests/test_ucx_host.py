@@ -48,3 +48,15 @@ def test_ucx_lanes_stay_on_the_chosen_interface_unless_set(monkeypatch):
     monkeypatch.setenv("UCX_NET_DEVICES", "mlx5_0:1")
     keep_ucx_on(resolve_ucx_host(others[0]))
     assert os.environ["UCX_NET_DEVICES"] == "mlx5_0:1"  # the operator's choice wins
+
+
+async def test_an_unreachable_decoder_is_named_by_host_and_port():
+    from shared.processes import free_port
+    from shared.transport.ucx_kv import KvSender
+
+    port = free_port()  # nothing listens there
+    sender = KvSender()
+    with pytest.raises(ConnectionError) as error:
+        await sender.connect("127.0.0.1", port)
+    await sender.close()
+    assert f"UCX listener at 127.0.0.1:{port}" in str(error.value)
