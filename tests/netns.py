@@ -35,6 +35,11 @@ def can_make_namespaces() -> str | None:
         return "needs root (network namespaces, veth pairs and a bridge)"
     if shutil.which("ip") is None:
         return "needs the `ip` tool (iproute2)"
+    probe = f"{PREFIX}{os.getpid()}-probe"  # root without CAP_SYS_ADMIN/NET_ADMIN (a plain container) cannot
+    made = ip("netns", "add", probe, check=False)
+    ip("netns", "delete", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot make network namespaces here: {made.stderr.strip()}"
     return None
 
 
