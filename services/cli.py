@@ -27,6 +27,13 @@ def _nats_urls(text: str) -> str:
     return text
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> None:
     from_env = nats_urls_from(None)
     parser.add_argument(
@@ -116,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--layout", default="", help="this worker's parallel layout, e.g. tp=4,ep=4 (prefill) or dp=2,tp=2 (decode)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+        worker.add_argument(
+            "--kv-lease", type=_positive_float, default=10.0,
+            help="seconds a KV hand-off may hold memory on either side (prefill KV kept for a decoder, receives posted) before it is released",
+        )
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench

@@ -17,8 +17,10 @@ from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.protocol import Role
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
+from shared.session import InProcessGroup, RankTransfer, UcxKvTransport
 from shared.subjects import Subjects
 from shared.transport.ucx_host import UcxHostError, keep_ucx_on, resolve_ucx_host
+from shared.transport.ucx_kv import KvReceiver, KvSender
 
 STOP_TIMEOUT_S = 15.0
 
@@ -56,6 +58,10 @@ async def run(args: argparse.Namespace) -> int:
     )
     load_progress.report("preparing the engine (KV cache, kernels)")
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype, scheduling=scheduling)
+    transport = UcxKvTransport(KvSender(), KvReceiver(ucx_host.address))
+    await transport.receiver.start()
+    rank = RankTransfer(0, transport, cache=engine.kv_cache.hnd_views)
+    engine.kv_holder = rank.hold
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
     service = WorkerService(
         nc,
@@ -64,10 +70,12 @@ async def run(args: argparse.Namespace) -> int:
         role,
         loaded,
         engine,
+        InProcessGroup([rank]),
+        warm_up=transport.sender.connect,
         layout=layout,
-        ucx_host=ucx_host.address,
         max_waiting=args.max_waiting,
         metrics_port=args.metrics_port,
+        kv_lease_s=args.kv_lease,
         on_drained=stop.set,
     )
     await service.start()
@@ -77,5 +85,6 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S)
     except TimeoutError:
         log.warning("worker_stop_timed_out")
+    await transport.close()
     await close_nats(nc)
     return 0

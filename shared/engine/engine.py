@@ -71,7 +71,8 @@ class TokenOutput:
     finish_reason: str | None  # "stop" (EOS or a stop token), "length" (max_tokens), None (more to come)
     logprob: float | None = None  # of token_id, when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token, logprob), most likely first
-    kv: torch.Tensor | None = field(default=None, compare=False)  # hand-off requests: the prompt's KV
+    kv: torch.Tensor | None = field(default=None, compare=False)  # hand-off requests: the prompt's KV (without a kv_holder)
+    kv_held: bool = False  # hand-off requests: the prompt's KV went to the engine's kv_holder instead
 
 
 class Engine:
@@ -82,8 +83,13 @@ class Engine:
         block_size: int = 16,
         kv_dtype: torch.dtype | None = None,
         scheduling: SchedulingConfig | None = None,
+        kv_holder: Callable[[str, torch.Tensor], None] | None = None,
     ):
-        """`kv_cache_tokens`: the cache budget, rounded down to whole blocks. `kv_dtype`: defaults to the weights'."""
+        """`kv_cache_tokens`: the cache budget, rounded down to whole blocks. `kv_dtype`: defaults to the weights'.
+
+        `kv_holder(request_id, kv)`: where a hand-off request's exported KV goes (a worker's
+        outbox) instead of its TokenOutput.
+        """
         if block_size <= 0 or kv_cache_tokens < block_size:
             raise ValueError(f"need 0 < block_size <= kv_cache_tokens, got {block_size} and {kv_cache_tokens}")
         self.loaded = loaded
@@ -94,7 +100,9 @@ class Engine:
         self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(scheduling or SchedulingConfig(), self.allocator, block_size)
+        self.kv_holder = kv_holder
         self.last_step_prompt_tokens = 0  # prompt tokens the last step() ran: a worker's prefill rate
+        self.last_step_started: list[str] = []  # requests whose prompt began in the last step() (just admitted)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -188,6 +196,7 @@ class Engine:
         """
         plan = self.scheduler.schedule()
         self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.prefilling)
+        self.last_step_started = [c.seq.request_id for c in plan if c.seq.prefilling and c.seq.num_cached == 0]
         if not plan:
             return []
         sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
@@ -358,11 +367,14 @@ class Engine:
         reason = self._finish_reason(seq, choice.token_id)
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        kv = None
+        kv, held = None, False
         if seq.hand_off:  # its decode goes on elsewhere (or nowhere): nothing stays here
             kv = self.export_kv(seq.request_id) if reason is None else None
             self.scheduler.free(seq.request_id)
-        return TokenOutput(seq.request_id, choice.token_id, reason, choice.logprob, choice.top_logprobs, kv)
+            if kv is not None and self.kv_holder is not None:
+                self.kv_holder(seq.request_id, kv)
+                kv, held = None, True
+        return TokenOutput(seq.request_id, choice.token_id, reason, choice.logprob, choice.top_logprobs, kv, held)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampler.params
