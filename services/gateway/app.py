@@ -204,7 +204,7 @@ class Gateway:
                 if completion.stopped_by_string:
                     break  # closing the stream below cancels the request on its workers
             if completion.finish_reason is FinishReason.ERROR:
-                raise RequestError(500, completion.error or "generation failed")
+                raise RequestError(completion.error_status, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
                 raise RequestError(503, completion.error or "request cancelled")
             return web.json_response(completion.final(), headers=headers)
@@ -233,7 +233,7 @@ class Gateway:
             async for event in events:
                 delta = completion.absorb(event)
                 if event.finish_reason is FinishReason.ERROR:
-                    await send(RequestError(500, completion.error or "generation failed").body())
+                    await send(RequestError(completion.error_status, completion.error or "generation failed").body())
                     break
                 if event.finish_reason is FinishReason.CANCELLED:
                     await send(RequestError(503, completion.error or "request cancelled").body())

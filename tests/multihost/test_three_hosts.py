@@ -181,11 +181,6 @@ async def test_losing_the_gateways_nats_node_keeps_the_stack_serving(deployment)
     print(f"served again {time.monotonic() - started:.2f}s after host a's NATS node died")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="waits for the lead's hand-off failure handling (retry on another decoder, else 503) and leases: "
-    "today a hand-off to an unreachable decoder ends the request with a 500",
-)
 async def test_a_cut_off_decode_host_gets_fast_non_500_answers(deployment):
     await until_ready(deployment.base, 60)
     deployment.c.link_down()
