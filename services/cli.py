@@ -7,9 +7,15 @@ import asyncio
 import os
 import sys
 
+from services.gateway import auth as gateway_auth
+from shared import nats_auth
 from shared.nats_failover import NATS_ENV, nats_urls_from, parse_nats_urls
 
 DEFAULT_MODEL = "smollm2-135m"
+UP_CREDS_HELP = (
+    "with --nats: a directory from `pdserve nats-config` (each service uses its role's file) "
+    "or one file for all; without --nats the embedded server gets fresh credentials"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -46,6 +52,7 @@ def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> Non
     )
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
+    nats_auth.add_arguments(parser, creds_help=None if needs_nats else UP_CREDS_HELP)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
     _add_generation_config(up)
+    gateway_auth.add_arguments(up)
+    up.add_argument("--no-api-key", action="store_true", help="serve without API keys (default: --api-key, PDSERVE_API_KEY, or a generated key)")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler")
     _add_common(scheduler)
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
     _add_generation_config(gateway)
+    gateway_auth.add_arguments(gateway)
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
         worker = commands.add_parser(role, help=text)
@@ -131,14 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
     from services.admin.cli import register as register_admin
+    from services.nats_config import register as register_nats_config
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
+    register_nats_config(commands.add_parser("nats-config", help="write a nats-server config and per-role credentials for an external NATS"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (nats_auth.NatsCredentialsError, nats_auth.NatsAuthorizationError) as exc:
+        print(f"pdserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from services.launcher import run_stack
 
@@ -147,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "nats-config":
+        from services.nats_config import run as run_nats_config
+
+        return run_nats_config(args)
     if args.command == "admin":
         from services.admin.cli import run as run_admin
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.scheduler.policy import Mode
+from services.stack_auth import StackAuth
 from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, wait_until_ready
 from shared import processes
+from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
 from shared.stack_registry import record_stack
 from shared.subjects import Subjects
@@ -108,6 +110,7 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         _check_port_free(args.host, args.port)
         plan_summary = _transfer_plan_summary(args, mode)
+        auth = StackAuth.prepare(args, Subjects(args.prefix))
     except (StackError, ValueError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
@@ -123,13 +126,13 @@ def run_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    nats = None if args.nats else EmbeddedNats().start()
+    nats = None if args.nats else EmbeddedNats(config=auth.server_config).start()
     nats_url = args.nats or nats.url
     subjects = Subjects(args.prefix)
     workers = _worker_plans(mode, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
-    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, *auth.nats.tls_flags()]
     commands = {"scheduler": base + ["scheduler", *common, "--mode", mode.value]}
     for worker in workers:
         commands[worker.worker_id] = (
@@ -155,16 +158,19 @@ def run_stack(args: argparse.Namespace) -> int:
     state_file = None
     try:
         logs = ServiceLogs(Path(tempfile.mkdtemp(prefix="pdserve-up-")))
-        children = [logs.spawn(name, command) for name, command in commands.items()]
+        # The subcommand (scheduler, worker, gateway) is the NATS role its secrets are for.
+        children = [logs.spawn(name, command, env=auth.child_env(NatsRole(command[3]))) for name, command in commands.items()]
         probe_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
         ready = ReadyCheck(
             nats_url, subjects, {w.worker_id for w in workers}, "gateway", f"http://{probe_host}:{args.port}/health",
-            READY_TIMEOUT_S, lambda: stop_requested,
+            READY_TIMEOUT_S, lambda: stop_requested, auth.connect_options(NatsRole.ADMIN),
         )
         asyncio.run(wait_until_ready(ready, logs))
         logs.serving()
         gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
+        if auth.generated_api_key:
+            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
         print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
         while not stop_requested:
             _raise_if_any_failed(children)
@@ -178,4 +184,5 @@ def run_stack(args: argparse.Namespace) -> int:
         processes.stop(list(reversed(children)))  # gateway first, nats-server after all
         if nats is not None:
             nats.stop()
+        auth.close()
     return exit_code

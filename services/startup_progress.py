@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -121,8 +121,8 @@ class ServiceLogs:
         self.services: list[ServiceLog] = []
         self._lock = threading.Lock()
 
-    def spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
-        env = {**os.environ, "PDSERVE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {**(env if env is not None else os.environ), "PDSERVE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         proc = processes.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.services.append(ServiceLog(name, proc, self.run_dir / f"{name}.log", self._forward))
         return proc
@@ -185,12 +185,13 @@ class ReadyCheck:
     health_url: str
     timeout_s: float
     interrupted: Callable[[], bool]
+    nats_options: dict = field(default_factory=dict)  # credentials/TLS of the launcher's NATS client
 
 
 async def wait_until_ready(check: ReadyCheck, logs: ServiceLogs) -> None:
     """Returns once every worker has beaten and /health is 200; StartupError naming the culprit otherwise."""
     view = StartupView(logs)
-    nc = await connect_nats(check.nats_url, "pd-launcher")
+    nc = await connect_nats(check.nats_url, "pd-launcher", options=check.nats_options)
     seen: set[str] = set()
     decoder = protocol.decoder(Heartbeat)
 

@@ -8,6 +8,7 @@ network namespace: `command_prefix` (e.g. `ip netns exec HOST`) goes before its 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -47,7 +48,10 @@ class ClusterRole:
 
 
 class EmbeddedNats:
-    """Starts nats-server on a free port (of `host`); stops it on exit."""
+    """Starts nats-server on a free port (of `host`); stops it on exit.
+
+    `config`: a nats-server config file (users and permissions: shared/nats_credentials.py);
+    the host and port given here win over any `listen` in it."""
 
     def __init__(
         self,
@@ -57,10 +61,12 @@ class EmbeddedNats:
         cluster: ClusterRole | None = None,
         monitor_port: int | None = None,
         command_prefix: Sequence[str] = (),
+        config: Path | None = None,
     ):
         self.host = host
         self.port = port or processes.free_port(host)
         self.jetstream = jetstream
+        self.config = config  # users and permissions (shared/nats_credentials.py), included first
         self.cluster = cluster
         self.monitor_port = monitor_port
         self.command_prefix = list(command_prefix)
@@ -75,8 +81,9 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def config_text(self) -> str:
-        lines = [f'listen: "{self.host}:{self.port}"', f'ping_interval: "{PING_INTERVAL}"', f"ping_max: {PING_MAX}"]
+    def config_text(self, directory: Path) -> str:
+        lines = [f'include "{os.path.relpath(Path(self.config).resolve(), directory)}"'] if self.config is not None else []
+        lines += [f'ping_interval: "{PING_INTERVAL}"', f"ping_max: {PING_MAX}"]
         if self.monitor_port:
             lines.append(f'http: "{self.host}:{self.monitor_port}"')
         if self.jetstream:
@@ -96,8 +103,9 @@ class EmbeddedNats:
     def start(self) -> EmbeddedNats:
         self._config_dir = tempfile.mkdtemp(prefix="pdserve-nats-")
         config = Path(self._config_dir) / "nats.conf"
-        config.write_text(self.config_text())
-        argv = [*self.command_prefix, str(nats_server_binary()), "-c", str(config)]
+        config.write_text(self.config_text(config.parent))
+        # -a/-p after -c: they win over a `listen` in an included config.
+        argv = [*self.command_prefix, str(nats_server_binary()), "-c", str(config), "-a", self.host, "-p", str(self.port)]
         self._proc = processes.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.wait_for_port(self.host, self.port, timeout=10.0, proc=self._proc)
         return self

@@ -11,6 +11,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoServersError
 
+from shared.nats_auth import NatsAuthorizationError
 from shared.nats_failover import Backoff, FailoverPlan, parse_nats_urls
 
 log = structlog.get_logger()
@@ -22,12 +23,16 @@ PING_INTERVAL_S = 5
 MAX_OUTSTANDING_PINGS = 2
 
 
-async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST_CONNECT_TIMEOUT_S) -> NatsClient:
+async def connect_nats(
+    url: str, name: str, first_connect_timeout: float = FIRST_CONNECT_TIMEOUT_S, options: dict | None = None
+) -> NatsClient:
     """Connects to one of `url`'s servers (comma-separated, tried in order), retrying with
     backoff for a while so a service started before nats-server waits for it.
 
     Once connected, the client reconnects forever, to whichever server of the cluster
     answers: a NATS node dying must not end a service. One log line per backoff step.
+    `options` (credentials, TLS: shared/nats_auth.py) go to `nats.connect` as they are; a
+    server that refuses them ends the first connect at once instead of retrying forever.
     """
     servers = parse_nats_urls(url)
     plan = FailoverPlan()
@@ -36,7 +41,7 @@ async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST
     first_attempt = 0
     while True:
         try:
-            nc = await nats.connect(**_client_options(servers, name, plan, connection))
+            nc = await nats.connect(**_client_options(servers, name, plan, connection), **(options or {}))
         except (NoServersError, OSError) as exc:
             first_attempt += 1
             wait = Backoff().delay(first_attempt)
@@ -62,6 +67,8 @@ def _server_of(nc: NatsClient) -> str | None:
 
 def _client_options(servers: list[str], name: str, plan: FailoverPlan, connection: list[NatsClient]) -> dict:
     async def on_error(exc: Exception) -> None:
+        if not connection and "authorization violation" in str(exc).lower():
+            raise NatsAuthorizationError(f"NATS at {', '.join(servers)} refused this client's credentials (see --nats-creds)")
         if connection and connection[0].is_connected:
             log.warning("nats_error", error=repr(exc))
         else:  # a failed (re)connect attempt: reported once per step by the lines below

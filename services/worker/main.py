@@ -15,6 +15,8 @@ from shared.engine.engine import Engine, SchedulingConfig
 from shared.engine import load_progress
 from shared.engine.loader import load_model
 from shared.log import configure_logging
+from shared.nats_auth import connect_options_for
+from shared.nats_permissions import NatsRole
 from shared.protocol import Role
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.session import InProcessGroup, RankTransfer, UcxKvTransport
@@ -62,7 +64,7 @@ async def run(args: argparse.Namespace) -> int:
     await transport.receiver.start()
     rank = RankTransfer(0, transport, cache=engine.kv_cache.hnd_views)
     engine.kv_holder = rank.hold
-    nc = await connect_nats(args.nats, f"pd-{worker_id}")
+    nc = await connect_nats(args.nats, f"pd-{worker_id}", options=connect_options_for(args, NatsRole.WORKER))
     service = WorkerService(
         nc,
         Subjects(args.prefix),

@@ -43,6 +43,7 @@ class RankTransfer:
         self.inbox: dict[str, RankReceived] = {}
         self._pending: dict[str, PairBuffers] = {}  # gathers started before the decoder answered
         self._receiving: dict[str, asyncio.Task] = {}
+        self._no_part: set[str] = set()  # sessions this rank receives nothing of (another DP group's, say)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -117,6 +118,9 @@ class RankTransfer:
         """Posts this rank's receives and waits until every one arrived, intact, within `timeout`."""
         view = rank_view(plan, "dst", self.rank)
         mine = [seg for seg in segments if seg.dst_rank == self.rank]
+        if not mine:
+            self._no_part.add(session_id)
+            return TransferStats(0, 0.0, 0)
         task = asyncio.ensure_future(self.transport.receive(mine, timeout))
         self._receiving[session_id] = task
         try:
@@ -139,6 +143,9 @@ class RankTransfer:
 
     def scatter(self, session_id: str, block_table: list[int]) -> None:
         """Writes the received KV into this rank's pages (the engine thread, between steps)."""
+        if session_id in self._no_part:
+            self._no_part.discard(session_id)
+            return  # another rank's (or DP group's) request: nothing of it lands here
         received = self.inbox.pop(session_id, None)
         if received is None:
             raise KvTransferError(f"session {session_id!r}: rank {self.rank} has no received KV for it")
@@ -152,6 +159,7 @@ class RankTransfer:
         """Forgets a session on this rank: KV held or received, receives still posted."""
         self.outbox.pop(session_id, None)
         self.inbox.pop(session_id, None)
+        self._no_part.discard(session_id)
         task = self._receiving.pop(session_id, None)
         if task is not None:
             task.cancel()
@@ -162,4 +170,8 @@ class RankTransfer:
     @property
     def num_sessions(self) -> int:
         """Sessions holding memory on this rank (tests check this returns to 0)."""
-        return len(self.outbox) + len(self.inbox) + len(self._receiving) + len(self._pending)
+        return len(self.outbox) + len(self.inbox) + len(self._receiving) + len(self._pending) + len(self._no_part)
+
+    def has_part(self, plan: TransferPlan, side: str) -> bool:
+        """Whether this rank sends (side "src") or receives ("dst") any pair of `plan`."""
+        return bool(rank_view(plan, side, self.rank).pairs)
