@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
         worker.add_argument(
+            "--dist-timeout", type=_positive_float, default=60.0,
+            help="seconds any rank of a multi-rank layout waits for the others (set-up, a collective) before the group is declared failed",
+        )
+        worker.add_argument(
             "--kv-lease", type=_positive_float, default=10.0,
             help="seconds a KV hand-off may hold memory on either side (prefill KV kept for a decoder, receives posted) before it is released",
         )

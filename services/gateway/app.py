@@ -58,7 +58,7 @@ def check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
 
 
 def _error_response(error: RequestError) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None  # busy or unavailable: try again
     if error.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error.body(), status=error.status, headers=headers)

@@ -31,7 +31,7 @@ class Completion:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
-    error_status: int = 500  # a worker's UNAVAILABLE (503: try again) is not a bug (500)
+    error_status: int = 500  # the HTTP status a failed request answers with (the worker's error code)
     kv_transfer: TransferStats | None = None
     stopped_by_string: bool = False  # the gateway ended it: workers must be told to stop
     logprobs: LogprobFormatter | None = None  # set when the request asked for logprobs

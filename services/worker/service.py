@@ -55,6 +55,8 @@ class WorkerService:
         metrics_port: int = 0,
         kv_lease_s: float = 10.0,
         on_drained: Callable[[], None] = lambda: None,
+        on_group_failure: Callable[[str], None] = lambda reason: None,
+        ranks: list | None = None,
     ):
         self.metrics_port = metrics_port
         self.group = group
@@ -82,6 +84,9 @@ class WorkerService:
         self.prefill = PrefillHandler(self.ctx, self.release)
         self.decode = DecodeHandler(self.ctx, self.release)
         self._on_drained = on_drained
+        self._on_group_failure = on_group_failure
+        self.ranks = ranks or []  # RankInfo of every rank (admin status)
+        self.group_failure: str | None = None
         self._subscriptions = []
         self._tasks: list[asyncio.Task] = []
         self._admin = None
@@ -132,8 +137,9 @@ class WorkerService:
         """Gives back what a released request held: KV on every rank, engine pages, and tells the client."""
         ctx = self.ctx
         self.prefill.forget(request.request_id)
-        ctx.sessions.cancel(request.request_id)
-        await ctx.engine_loop.call(self.engine.abort, request.request_id)
+        if self.group_failure is None:  # a broken group takes everything with it
+            ctx.sessions.cancel(request.request_id)
+            await ctx.engine_loop.call(self.engine.abort, request.request_id)
         if ending.reason is not None:
             await ctx.streams.publish_end(request.stream_subject, request.request_id, ending)
         log.debug("released", request_id=request.request_id, ending=ending.reason.label if ending.reason else "done")
@@ -158,8 +164,27 @@ class WorkerService:
                 await self.release(out.request_id, DONE)
 
     async def _on_step_failure(self, request_ids: list[str], error: str) -> None:
+        if self.group.world > 1:  # the ranks no longer agree on what ran: the group cannot go on
+            await self.group_failed(error)
+            return
         for request_id in request_ids:  # the engine already released their pages
             await self.release(request_id, Ending.failed(error))
+
+    async def group_failed(self, reason: str) -> None:
+        """A rank died or a collective failed: stop being placeable, end every request (their gateways
+        retry them elsewhere), and have the process exit so the whole group restarts."""
+        if self.group_failure is not None:
+            return
+        self.group_failure = reason
+        log.error("rank_group_failed", reason=reason, requests=len(self.ctx.requests))
+        self.ctx.draining = True
+        for task in self._tasks:
+            if task.get_name() == "heartbeat":
+                task.cancel()  # the scheduler forgets this worker within its TTL
+        error = f"worker {self.ctx.worker_id} failed: {reason}"
+        for request in self.ctx.requests:
+            await self.release(request.request_id, Ending.failed(error, ErrorCode.UNAVAILABLE))
+        self._on_group_failure(reason)
 
     def _on_step(self, prompt_tokens: int, seconds: float) -> None:
         ctx = self.ctx
@@ -236,7 +261,30 @@ class WorkerService:
             "draining": beat.draining,
             "ended": dict(self.ctx.requests.ended),
             "metrics_port": self.metrics_port,
+            "ranks": self._rank_rows(beat),
         }
+
+    def _rank_rows(self, beat: Heartbeat) -> list[dict]:
+        """Every rank of this worker: where it runs and what it holds and moved (its KV pages are the leader's
+        block tables: every rank holds the same blocks, of its own layers and heads)."""
+        totals = getattr(self.group, "board", None)
+        rows = []
+        for info in self.ranks:
+            if info.rank == 0:
+                sent, received = self._local_totals()
+            else:
+                sent, received = totals.totals.get(info.rank, (0, 0)) if totals is not None else (0, 0)
+            rows.append({
+                "rank": info.rank, "pid": info.pid, "host": info.host, "device": info.device,
+                "ucx": f"{info.ucx_host}:{info.ucx_port}",
+                "kv_blocks_used": beat.total_kv_blocks - beat.free_kv_blocks,
+                "ucx_bytes_sent": sent, "ucx_bytes_received": received,
+            })
+        return rows
+
+    def _local_totals(self) -> tuple[int, int]:
+        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        return local.bytes_sent, local.bytes_received
 
     async def _requests(self, _: dict) -> dict:
         """The request table: what each in-flight request is doing here and what it holds."""

@@ -39,7 +39,7 @@ class LeaderGroup:
         self,
         local: RankTransfer,
         addresses: Sequence[RankAddress],
-        submit: Submit,
+        submit: Submit | None,
         broadcast: Callable[[Work], None],
         board: ReportBoard,
         report_timeout_s: float,
@@ -51,6 +51,10 @@ class LeaderGroup:
         self.board = board
         self.report_timeout_s = report_timeout_s
         self._background: set[asyncio.Task] = set()
+
+    def bind(self, submit: Submit) -> None:
+        """How to broadcast from the event loop (through the engine thread), once the engine loop exists."""
+        self._submit = submit
 
     @property
     def world(self) -> int:
