@@ -244,3 +244,22 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 def decoder(kind: type) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(kind)
+
+
+# -- Readiness (gateway /health -> any scheduler): can this model be served right now?
+
+
+class ReadinessRequest(_Msg):
+    model: str
+
+
+class Readiness(_Msg, tag=1):
+    ready: bool
+    mode: str  # the scheduler's placement mode, which decides the workers needed
+    missing: list[str] = []  # what is lacking, e.g. ["decode worker"]
+    prefill_workers: int = 0  # live, not draining, serving the model
+    decode_workers: int = 0
+    both_workers: int = 0
+
+
+ReadinessReply = Readiness | ServiceError

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.reshard_reference import read_dense, reference_reshard, reference_shards
+from kernels.reshard_reference import reference_reshard, reference_shards
 from shared.kv_spec import IncompatibleKvError, KvSpec
 from shared.layouts import DecoderLayout, LayoutError, PrefillLayout, valid_tp
 from shared.protocol import TransferStats

@@ -19,6 +19,7 @@ from services.admin.commands import BAD_ARGUMENT, COMMANDS, AdminFailure, print_
 from services.admin.connection import NatsUnreachable, check_url, connect_admin
 from shared import nats_auth
 from shared.log import configure_logging
+from shared.nats_failover import nats_urls_from
 from shared.nats_permissions import NatsRole
 from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
@@ -49,7 +50,7 @@ def register(admin: argparse.ArgumentParser) -> None:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("--nats", metavar="URL", help="NATS URL (default: the one of a running `pdserve up`)")
+        parser.add_argument("--nats", metavar="URL", help="NATS URLs (default: $PDSERVE_NATS, else the one of a running `pdserve up`)")
         parser.add_argument("--prefix", default=None, help="NATS subject prefix (default: pd)")
         parser.add_argument("--json", action="store_true", help="print JSON (schemas: docs/admin.md)")
         parser.add_argument(
@@ -85,13 +86,14 @@ def register(admin: argparse.ArgumentParser) -> None:
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str, str | None]:
-    """(NATS URL, prefix, admin credentials file or None)."""
+    """(NATS URLs, prefix, admin credentials file or None)."""
     stacks = running_stacks()
-    if args.nats:
-        if problem := check_url(args.nats):
+    urls = nats_urls_from(args.nats)  # --nats, else $PDSERVE_NATS
+    if urls:
+        if problem := check_url(urls):
             raise AdminFailure(BAD_ARGUMENT, f"--nats: {problem}")
-        local = next((s for s in stacks if s["nats_url"] == args.nats), {})
-        return args.nats, args.prefix or local.get("prefix", "pd"), args.nats_creds or local.get("admin_creds")
+        local = next((s for s in stacks if s["nats_url"] == urls), {})
+        return urls, args.prefix or local.get("prefix", "pd"), args.nats_creds or local.get("admin_creds")
     if not stacks:
         raise AdminFailure(NO_DEPLOYMENT, "no running `pdserve up` found on this machine; pass --nats URL")
     return stacks[0]["nats_url"], args.prefix or stacks[0]["prefix"], args.nats_creds or stacks[0].get("admin_creds")
