@@ -108,6 +108,11 @@ def register(bench: argparse.ArgumentParser) -> None:
     engine = commands.add_parser("engine", help="the engine alone: prefill and decode tokens/s vs HF transformers")
     engine_bench.register(engine)
 
+    from loadtest import ranks_bench
+
+    ranks = commands.add_parser("ranks", help="one worker's engine as a real rank group: tp=1 vs tp=2, collectives' share")
+    ranks_bench.register(ranks)
+
 
 def run(args: argparse.Namespace) -> int:
     """Executes a parsed `bench serve` / `bench compare`; returns the exit code."""
@@ -125,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
             from loadtest import engine_bench
 
             return engine_bench.run(args)
+        if args.bench_command == "ranks":
+            from loadtest import ranks_bench
+
+            return ranks_bench.run(args)
         return _compare(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve bench {args.bench_command}: {exc}", file=sys.stderr)

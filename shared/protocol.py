@@ -229,6 +229,7 @@ class Heartbeat(_Msg):
     handoff_bytes_per_s: float = 0.0
     metrics_port: int = 0
     layout: str = ""  # this worker's parallel layout, e.g. "tp=4,pp=1,ep=4"
+    dp_load: list[int] = []  # per attention-DP group: running + queued requests (dp > 1 only)
 
 
 PlaceReply = Placement | ServiceError
