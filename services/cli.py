@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
+    from planner.cli import register as register_plan
     from services.admin.cli import register as register_admin
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
+    register_plan(commands.add_parser("plan", help="simulate colocated vs disaggregated serving at any scale"))
     return parser
 
 
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "plan":
+        from planner.cli import run as run_plan
+
+        return run_plan(args)
     if args.command == "admin":
         from services.admin.cli import run as run_admin
 
