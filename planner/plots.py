@@ -24,10 +24,11 @@ def save_plan_plot(document: dict, path: Path) -> Path:
     slo = document["slo"]
     ttft_ax.axhline(slo["ttft_ms"], color="grey", linewidth=1, linestyle=":", label="TTFT SLO")
     tpot_ax.axhline(slo["tpot_ms"], color="grey", linewidth=1, linestyle=":", label="TPOT SLO")
+    ttft_ax.set_yscale("log")  # queues make TTFT grow by orders of magnitude near saturation
+    tpot_ax.set_ylim(bottom=0)
     for ax, label in ((ttft_ax, "time to first token (ms)"), (tpot_ax, "time per output token (ms)")):
         ax.set_xlabel("request rate (req/s, whole deployment)")
         ax.set_ylabel(label)
-        ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     model, hw = document["model"]["name"], document["hardware"]["name"]

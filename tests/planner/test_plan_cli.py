@@ -136,3 +136,19 @@ def test_an_hf_config_json_is_a_model(tmp_path, capsys):
     spec = load_model_spec(str(tmp_path))
     assert spec.total_params == pytest.approx(1.24e9, rel=0.01)  # Llama-3.2-1B's shape
     assert spec.kv_bytes_per_token(2) == 16 * 2 * 8 * 64 * 2
+
+
+def test_text_output_and_the_png_of_latency_against_rate(tmp_path, capsys):
+    argv = ["--model", "llama-3.1-8b", "--hardware", "h100-hgx8", "--devices", "2", "--input-len", "512", "--output-len", "64",
+            "--search-requests", "30", "--top-k", "1", "--num-requests", "40", "--no-progress", "--out-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for text in ("P50 TTFT (ms)", "Goodput per device (req/s)", "recommendation:", "plan.png"):
+        assert text in out, text
+    assert (tmp_path / "plan.png").stat().st_size > 10000
+    document = json.loads((tmp_path / "plan.json").read_text())
+    for mode in ("colocated", "disagg"):
+        curve = document["modes"][mode]["curve"]
+        rates = [point["request_rate"] for point in curve]
+        assert len(rates) >= 4 and rates == sorted(rates)
+        assert curve[-1]["p99_ttft_ms"] > curve[0]["p99_ttft_ms"]  # queues grow with the load
