@@ -7,7 +7,15 @@ import asyncio
 import os
 import sys
 
+from services.gateway import auth as gateway_auth
+from shared import nats_auth
+from shared.nats_failover import NATS_ENV, nats_urls_from, parse_nats_urls
+
 DEFAULT_MODEL = "smollm2-135m"
+UP_CREDS_HELP = (
+    "with --nats: a directory from `pdserve nats-config` (each service uses its role's file) "
+    "or one file for all; without --nats the embedded server gets fresh credentials"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -17,10 +25,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nats_urls(text: str) -> str:
+    try:
+        parse_nats_urls(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> None:
-    parser.add_argument("--nats", required=needs_nats, metavar="URL", help="NATS server URL, e.g. nats://127.0.0.1:4222")
+    from_env = nats_urls_from(None)
+    parser.add_argument(
+        "--nats",
+        type=_nats_urls,
+        default=from_env,
+        required=needs_nats and from_env is None,
+        metavar="URL[,URL...]",
+        help=f"NATS server URLs of one cluster, tried in order (nearest first), e.g. nats://a:4222,nats://b:4222; default: ${NATS_ENV}",
+    )
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
+    nats_auth.add_arguments(parser, creds_help=None if needs_nats else UP_CREDS_HELP)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +77,15 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one worker's running batch")
 
 
+def _add_generation_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--generation-config",
+        choices=["model", "none"],
+        default="model",
+        help="sampling settings a request leaves unset: the model's recommended ones (model), or the OpenAI defaults (none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-block-size", type=_positive_int, default=None, help="decode workers' KV page size (default: --block-size)")
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
+    _add_generation_config(up)
+    gateway_auth.add_arguments(up)
+    up.add_argument("--no-api-key", action="store_true", help="serve without API keys (default: --api-key, PDSERVE_API_KEY, or a generated key)")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler")
     _add_common(scheduler)
@@ -76,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--default-max-tokens", type=_positive_int, default=256)
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
+    _add_generation_config(gateway)
+    gateway_auth.add_arguments(gateway)
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
         worker = commands.add_parser(role, help=text)
@@ -83,24 +129,42 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model(worker)
         _add_worker_options(worker)
         worker.add_argument("--worker-id", default=None)
-        worker.add_argument("--ucx-host", default="127.0.0.1", help="address peers reach this worker's UCX listener on ('auto': this host's IP)")
+        worker.add_argument("--ucx-host", default="127.0.0.1", help="where peers reach this worker's UCX listener: an address, an interface (eth0) or auto (the default route's interface)")
         worker.add_argument("--layout", default="", help="this worker's parallel layout, e.g. tp=4,ep=4 (prefill) or dp=2,tp=2 (decode)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+        worker.add_argument(
+            "--dist-timeout", type=_positive_float, default=60.0,
+            help="seconds any rank of a multi-rank layout waits for the others (set-up, a collective) before the group is declared failed",
+        )
+        worker.add_argument(
+            "--kv-lease", type=_positive_float, default=10.0,
+            help="seconds a KV hand-off may hold memory on either side (prefill KV kept for a decoder, receives posted) before it is released",
+        )
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
     from planner.cli import register as register_plan
     from services.admin.cli import register as register_admin
+    from services.nats_config import register as register_nats_config
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
     register_plan(commands.add_parser("plan", help="simulate colocated vs disaggregated serving at any scale"))
+    register_nats_config(commands.add_parser("nats-config", help="write a nats-server config and per-role credentials for an external NATS"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (nats_auth.NatsCredentialsError, nats_auth.NatsAuthorizationError) as exc:
+        print(f"pdserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from services.launcher import run_stack
 
@@ -113,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         from planner.cli import run as run_plan
 
         return run_plan(args)
+    if args.command == "nats-config":
+        from services.nats_config import run as run_nats_config
+
+        return run_nats_config(args)
     if args.command == "admin":
         from services.admin.cli import run as run_admin
 

@@ -1,8 +1,10 @@
 """`pdserve up`: the whole stack as child processes of one command.
 
 Start order: nats-server (unless --nats), scheduler, workers, gateway. Ready means
-every worker has sent a heartbeat and the gateway accepts connections; then one line
-with the URL is printed. SIGINT/SIGTERM, or any child dying, stops every child.
+every worker has sent a heartbeat and the gateway's /health answers 200; then one line
+with the URL is printed. Until then each service's progress is shown and a child that
+dies is named with the last lines of its log (services/startup_progress.py).
+SIGINT/SIGTERM, or any child dying, stops every child.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.scheduler.policy import Mode
-from shared import processes, protocol
+from services.stack_auth import StackAuth
+from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, wait_until_ready
+from shared import processes
+from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
-from shared.protocol import Heartbeat
-from shared.runtime import connect_nats
 from shared.stack_registry import record_stack
 from shared.subjects import Subjects
 
@@ -88,34 +93,6 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], children, timeout: float, interrupted) -> None:
-    nc = await connect_nats(nats_url, "pd-launcher")
-    seen: set[str] = set()
-    decoder = protocol.decoder(Heartbeat)
-
-    async def on_beat(msg) -> None:
-        seen.add(decoder.decode(msg.data).worker_id)
-
-    await nc.subscribe(subjects.all_heartbeats, cb=on_beat)
-    deadline = time.monotonic() + timeout
-    try:
-        while not worker_ids <= seen:
-            _raise_if_any_died(children)
-            if interrupted():
-                raise StackError("interrupted before the stack was ready")
-            if time.monotonic() > deadline:
-                raise StackError(f"workers not ready after {timeout:.0f}s: {sorted(worker_ids - seen)}")
-            await asyncio.sleep(0.1)
-    finally:
-        await nc.close()
-
-
-def _raise_if_any_died(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is not None:
-            raise StackError(f"{' '.join(child.args[3:5])} exited with code {child.returncode}")
-
-
 def _raise_if_any_failed(children: list[subprocess.Popen]) -> None:
     """Once serving, a worker that exits 0 was drained on purpose; anything else stops the stack."""
     for child in children:
@@ -133,6 +110,7 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         _check_port_free(args.host, args.port)
         plan_summary = _transfer_plan_summary(args, mode)
+        auth = StackAuth.prepare(args, Subjects(args.prefix))
     except (StackError, ValueError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
@@ -148,16 +126,16 @@ def run_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    nats = None if args.nats else EmbeddedNats().start()
+    nats = None if args.nats else EmbeddedNats(config=auth.server_config).start()
     nats_url = args.nats or nats.url
     subjects = Subjects(args.prefix)
     workers = _worker_plans(mode, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
-    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
-    commands = [base + ["scheduler", *common, "--mode", mode.value]]
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, *auth.nats.tls_flags()]
+    commands = {"scheduler": base + ["scheduler", *common, "--mode", mode.value]}
     for worker in workers:
-        commands.append(
+        commands[worker.worker_id] = (
             base
             + ["worker", *common, "--role", worker.role, "--worker-id", worker.worker_id, "--model", args.model]
             + ["--layout", worker.layout, "--block-size", str(worker.block_size)]
@@ -168,26 +146,36 @@ def run_stack(args: argparse.Namespace) -> int:
             + ["--max-num-seqs", str(args.max_num_seqs)]
             + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
-    commands.append(
+    commands["gateway"] = (
         base
         + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
         + ["--max-concurrent-requests", str(args.max_concurrent_requests)]
+        + ["--generation-config", args.generation_config]
     )
 
     children: list[subprocess.Popen] = []
     exit_code = 0
     state_file = None
     try:
-        children = [processes.spawn(command) for command in commands]
-        asyncio.run(_wait_for_workers(nats_url, subjects, {w.worker_id for w in workers}, children, READY_TIMEOUT_S, lambda: stop_requested))
-        processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
+        logs = ServiceLogs(Path(tempfile.mkdtemp(prefix="pdserve-up-")))
+        # The subcommand (scheduler, worker, gateway) is the NATS role its secrets are for.
+        children = [logs.spawn(name, command, env=auth.child_env(NatsRole(command[3]))) for name, command in commands.items()]
+        probe_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        ready = ReadyCheck(
+            nats_url, subjects, {w.worker_id for w in workers}, "gateway", f"http://{probe_host}:{args.port}/health",
+            READY_TIMEOUT_S, lambda: stop_requested, auth.connect_options(NatsRole.ADMIN),
+        )
+        asyncio.run(wait_until_ready(ready, logs))
+        logs.serving()
         gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
+        if auth.generated_api_key:
+            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
         print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
         while not stop_requested:
             _raise_if_any_failed(children)
             time.sleep(0.2)
-    except StackError as exc:
+    except (StackError, StartupError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
@@ -196,4 +184,5 @@ def run_stack(args: argparse.Namespace) -> int:
         processes.stop(list(reversed(children)))  # gateway first, nats-server after all
         if nats is not None:
             nats.stop()
+        auth.close()
     return exit_code

@@ -75,6 +75,8 @@ class PlaceRequest(_Msg):
     model: str
     num_prompt_tokens: int
     max_tokens: int
+    exclude: list[str] = []  # workers not to place on (a decoder that just failed a hand-off)
+    decode_only: bool = False  # a prefill worker asks for another decoder for KV it already holds
 
 
 class Placement(_Msg, tag=1):
@@ -141,10 +143,17 @@ class SessionOffer(_Msg):
     segments: list[KvSegment]
 
 
-class SessionAccepted(_Msg, tag=1):
-    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
+class RankAddress(_Msg):
+    """Where one rank of a worker instance receives KV (its own UCX listener)."""
+
+    rank: int
     host: str
     port: int
+
+
+class SessionAccepted(_Msg, tag=1):
+    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
+    addresses: list[RankAddress]  # every rank of the decoder; each prefill rank sends to the ranks it has pairs with
 
 
 class SessionRefused(_Msg, tag=2):
@@ -196,6 +205,8 @@ class TokenEvent(_Msg):
     error: str | None = None
     kv_transfer: TransferStats | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    error_code: ErrorCode | None = None  # with an error: UNAVAILABLE means "try elsewhere", not a bug
+    decode_worker: str = ""  # set by the prefill worker when the request continues on another decoder than placed
 
 
 class Heartbeat(_Msg):
@@ -233,3 +244,22 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 def decoder(kind: type) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(kind)
+
+
+# -- Readiness (gateway /health -> any scheduler): can this model be served right now?
+
+
+class ReadinessRequest(_Msg):
+    model: str
+
+
+class Readiness(_Msg, tag=1):
+    ready: bool
+    mode: str  # the scheduler's placement mode, which decides the workers needed
+    missing: list[str] = []  # what is lacking, e.g. ["decode worker"]
+    prefill_workers: int = 0  # live, not draining, serving the model
+    decode_workers: int = 0
+    both_workers: int = 0
+
+
+ReadinessReply = Readiness | ServiceError

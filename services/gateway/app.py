@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP front: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""The OpenAI-compatible HTTP front: /v1/chat/completions, /v1/completions, /v1/models,
+/health (ready to serve: services/gateway/readiness.py) and /live (the process is up).
 
 Tokenization and the chat template run here, so workers only ever see token ids.
 """
@@ -13,17 +14,20 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from services.gateway.auth import OPEN_PATHS, ApiKeys
 from services.gateway.completion import Completion
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.json_body import MAX_BODY_BYTES, read_json
 from services.gateway.logprobs import LogprobFormatter
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.readiness import ReadinessProbe
 from services.gateway.stop_strings import StopStrings
 from services.gateway.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
-    parse_body,
 )
+from shared.engine.generation_defaults import NO_DEFAULTS, GenerationDefaults, choose_sampling
 from shared.engine.tokenizer import ChatTokenizer
 from shared.protocol import FinishReason, Sampling
 
@@ -33,6 +37,7 @@ PATH_HEADER = "x-pdserve-path"
 
 
 RETRY_AFTER_S = 1
+MAX_WIRE_INT = 2**63 - 1  # msgspec carries signed 64-bit ints; a bigger one could not be sent on
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,22 @@ class GatewayLimits:
     max_model_len: int
     default_max_tokens: int = 256
     max_concurrent_requests: int = 256
+    vocab_size: int | None = None  # token ids a client sends must lie below it
+
+
+def check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
+    """Refuses ids the model has no embedding for, before any worker sees them."""
+    if vocab_size is None:
+        return
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise RequestError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
 
 
 def _error_response(error: RequestError) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None  # busy or unavailable: try again
+    if error.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error.body(), status=error.status, headers=headers)
 
 
@@ -57,11 +74,40 @@ async def openai_errors(request: web.Request, handler):
         if exc.status < 400:
             raise
         return _error_response(RequestError(exc.status, exc.reason or "error"))
+    except ConnectionResetError:
+        raise  # the client went away mid-response: there is no one to answer
+    except Exception:  # a bug must still answer in JSON, and be logged
+        log.exception("request_failed", path=request.path)
+        return _error_response(RequestError(500, "internal error while handling the request"))
+
+
+def api_key_middleware(keys: ApiKeys):
+    @web.middleware
+    async def require_api_key(request: web.Request, handler):
+        if request.path not in OPEN_PATHS:
+            refusal = keys.refusal(request.headers.get("Authorization"))
+            if refusal is not None:
+                raise RequestError(401, refusal, code="invalid_api_key")
+        return await handler(request)
+
+    return require_api_key
 
 
 class Gateway:
-    def __init__(self, model_name: str, tokenizer: ChatTokenizer, dispatcher: Dispatcher, limits: GatewayLimits):
+    def __init__(
+        self,
+        model_name: str,
+        tokenizer: ChatTokenizer,
+        dispatcher: Dispatcher,
+        limits: GatewayLimits,
+        api_keys: ApiKeys,
+        readiness: ReadinessProbe,
+        generation: GenerationDefaults = NO_DEFAULTS,
+    ):
         self.model_name = model_name
+        self.api_keys = api_keys
+        self.readiness = readiness
+        self.generation = generation  # the model's recommended sampling, for what a request leaves unset
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.limits = limits
@@ -71,11 +117,13 @@ class Gateway:
         self.logprob_formatter = LogprobFormatter(tokenizer)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors])
+        auth = [api_key_middleware(self.api_keys)] if self.api_keys.required else []
+        app = web.Application(middlewares=[openai_errors, *auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/live", self.live)
         app.router.add_get("/metrics", self.prometheus)
         return app
 
@@ -87,14 +135,18 @@ class Gateway:
         return self.dispatcher.interrupt(request_id)
 
     async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "model": self.model_name})
+        report = await self.readiness.report()
+        return web.json_response(report.body, status=report.status)
+
+    async def live(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "model": self.model_name})
 
     async def models(self, _: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "pdserve"}
         return web.json_response({"object": "list", "data": [card]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse_body(await request.read(), ChatCompletionRequest)
+        body = await read_json(request, ChatCompletionRequest)
         if not body.messages:
             raise RequestError(400, "messages must not be empty", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -102,7 +154,9 @@ class Gateway:
         return await self._generate(request, body, prompt_ids, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse_body(await request.read(), CompletionRequest)
+        body = await read_json(request, CompletionRequest)
+        if isinstance(body.prompt, list):
+            check_token_ids(body.prompt, self.limits.vocab_size, "prompt")
         prompt_ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt)
         if not prompt_ids:
             raise RequestError(400, "prompt must not be empty", param="prompt")
@@ -123,17 +177,23 @@ class Gateway:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if max_tokens > room:
             raise RequestError(400, f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context of {self.limits.max_model_len}", param="max_tokens")
-        if body.temperature < 0:
+        chosen = choose_sampling(body.temperature, body.top_p, body.top_k, self.generation)
+        if chosen.temperature < 0:
             raise RequestError(400, "temperature must be >= 0", param="temperature")
-        if not 0 < body.top_p <= 1:
+        if not 0 < chosen.top_p <= 1:
             raise RequestError(400, "top_p must be in (0, 1]", param="top_p")
-        if body.top_k < 0:
+        if chosen.top_k < 0:
             raise RequestError(400, "top_k must be >= 0", param="top_k")
+        if chosen.top_k > MAX_WIRE_INT:
+            raise RequestError(400, f"top_k must be at most {MAX_WIRE_INT}", param="top_k")
+        if body.seed is not None and not 0 <= body.seed <= MAX_WIRE_INT:
+            raise RequestError(400, f"seed must be between 0 and {MAX_WIRE_INT}", param="seed")
+        check_token_ids(body.stop_token_ids, self.limits.vocab_size, "stop_token_ids")
         return Sampling(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
+            temperature=chosen.temperature,
+            top_p=chosen.top_p,
+            top_k=chosen.top_k,
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             stop_token_ids=list(body.stop_token_ids),
@@ -185,7 +245,7 @@ class Gateway:
                 if completion.stopped_by_string:
                     break  # closing the stream below cancels the request on its workers
             if completion.finish_reason is FinishReason.ERROR:
-                raise RequestError(500, completion.error or "generation failed")
+                raise RequestError(completion.error_status, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
                 raise RequestError(503, completion.error or "request cancelled")
             return web.json_response(completion.final(), headers=headers)
@@ -214,7 +274,7 @@ class Gateway:
             async for event in events:
                 delta = completion.absorb(event)
                 if event.finish_reason is FinishReason.ERROR:
-                    await send(RequestError(500, completion.error or "generation failed").body())
+                    await send(RequestError(completion.error_status, completion.error or "generation failed").body())
                     break
                 if event.finish_reason is FinishReason.CANCELLED:
                     await send(RequestError(503, completion.error or "request cancelled").body())

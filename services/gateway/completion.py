@@ -31,6 +31,7 @@ class Completion:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status a failed request answers with (the worker's error code)
     kv_transfer: TransferStats | None = None
     stopped_by_string: bool = False  # the gateway ended it: workers must be told to stop
     logprobs: LogprobFormatter | None = None  # set when the request asked for logprobs
@@ -60,6 +61,7 @@ class Completion:
         elif event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
+            self.error_status = int(event.error_code) if event.error_code is not None else 500
             self.kv_transfer = event.kv_transfer
         return delta
 

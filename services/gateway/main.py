@@ -8,11 +8,16 @@ import uuid
 from aiohttp import web
 
 from services.gateway.app import Gateway, GatewayLimits
+from services.gateway.auth import ApiKeys, configured_keys
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.readiness import ReadinessProbe
 from shared.admin import AdminError, start_admin
-from shared.engine.loader import load_model_config
+from shared.engine.generation_defaults import NO_DEFAULTS
+from shared.engine.loader import load_generation_defaults, load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
+from shared.nats_auth import connect_options_for
+from shared.nats_permissions import NatsRole
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.subjects import Subjects
 
@@ -32,18 +37,24 @@ def admin_handlers(gateway: Gateway, instance_id: str, url: str) -> dict:
 
 async def run(args: argparse.Namespace) -> int:
     log = configure_logging("gateway", args.log_level)
+    try:
+        api_keys = ApiKeys(configured_keys(args.api_key))
+    except ValueError as exc:
+        raise SystemExit(f"pdserve gateway: {exc}") from None
     stop = stop_event_on_signals()
     tokenizer = load_tokenizer(args.model)
     config = load_model_config(args.model)
-    nc = await connect_nats(args.nats, "pd-gateway")
+    nc = await connect_nats(args.nats, "pd-gateway", options=connect_options_for(args, NatsRole.GATEWAY))
     subjects = Subjects(args.prefix)
     dispatcher = Dispatcher(nc, subjects, stall_timeout_s=args.stall_timeout)
     limits = GatewayLimits(
         max_model_len=config.max_position_embeddings,
         default_max_tokens=args.default_max_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
+        vocab_size=config.vocab_size,
     )
-    gateway = Gateway(args.model, tokenizer, dispatcher, limits)
+    generation = load_generation_defaults(args.model) if args.generation_config == "model" else NO_DEFAULTS
+    gateway = Gateway(args.model, tokenizer, dispatcher, limits, api_keys, ReadinessProbe(nc, subjects, args.model), generation)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # cancels the request on the workers (see Dispatcher).
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
@@ -53,7 +64,8 @@ async def run(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     instance_id = f"gateway-{uuid.uuid4().hex[:8]}"
     admin = await start_admin(nc, subjects, "gateway", instance_id, admin_handlers(gateway, instance_id, url))
-    log.info("gateway_started", url=url, model=args.model, instance=instance_id)
+    auth = "api key required" if api_keys.required else "open: no --api-key or PDSERVE_API_KEY, anyone who reaches the port may use it"
+    log.info("gateway_started", url=url, model=args.model, instance=instance_id, auth=auth, sampling_defaults=generation.to_json())
     await stop.wait()
     log.info("gateway_stopping")
     await admin.stop()

