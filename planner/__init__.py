@@ -15,9 +15,14 @@ One concept per module:
 - `sim_worker.py`   one simulated worker around the engine's `Scheduler`
 - `simulator.py`    the event loop: arrivals, heartbeats, placement, steps, hand-offs
 - `metrics.py`      per-request records -> P50/P99 TTFT, TPOT, ITL, throughput, SLO attainment
+- `workload.py`     the bench's schedule (send times, lengths) without prompts
+- `capacity.py`     closed-form capacity, to rank candidates before simulating them
+- `scenario.py`     what is planned, and simulating a deployment (bench-shaped or steady state)
 - `search.py`       goodput search, layouts and prefill:decode splits
+- `plan.py`         a whole planning run: winners, the load, the recommendation, the curves
 - `advice.py`       the `pdserve admin policy` command matching a recommendation
 - `profile.py`      measuring this machine (engine steps, a real stack) and caching it
 - `fit.py`          fitting the `local` hardware to a measured profile
+- `calibrate.py`    the check of `local` against a measured `bench compare`-shaped run
 - `report.py`, `plots.py`, `cli.py`   output and the command line
 """

@@ -2,7 +2,8 @@
 
 For each mode, as `pdserve bench compare` runs it: start `pdserve up` (same worker count,
 same split) -> profile it with single requests (profile.measure_stack) -> run the bench's
-plan against it (`loadtest.bench.run_bench`, the very function compare calls) -> stop it.
+plan against it (`loadtest.bench.run_bench`, the very function compare calls) -> profile it
+again (the machine is shared: both probes together see it as the run did) -> stop it.
 The engine is profiled alone first. From that profile (fit.py) the planner simulates the
 same schedule (`--num-requests` exact) on the same deployment, and both are set side by side:
 P50 TTFT and mean TPOT per mode (goal: within 2x), and the direction of the P99 TTFT
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +75,9 @@ def calibrate(model: str, plan, workers: int = 2, threads: int | None = None, ou
     from loadtest.client import Target
     from loadtest.prompts import PromptSource, load_tokenizer
     from loadtest.stack import StackSpec, running_stack
-    from planner.profile import LocalProfile, default_threads, long_prompt_for, machine_id, measure_engine, measure_stack
+    from planner.profile import (
+        LocalProfile, StackProbe, default_threads, long_prompt_for, machine_id, measure_engine, measure_stack,
+    )
     from shared.engine.loader import load_model_config
 
     threads = threads or default_threads(workers)
@@ -85,10 +89,15 @@ def calibrate(model: str, plan, workers: int = 2, threads: int | None = None, ou
     for mode in ("colocated", "disagg"):
         spec = StackSpec(model, mode, workers, threads=threads)
         progress(f"measuring {mode} ({spec.layout()})")
-        with running_stack(spec, out_dir / f"{mode}.stack.log") as url:
-            profile.stacks[mode] = measure_stack(url, model, long_prompt, mode)
+        api_key = secrets.token_urlsafe(16)  # as bench compare starts its stacks
+        with running_stack(spec, out_dir / f"{mode}.stack.log", api_key=api_key) as url:
+            before = measure_stack(url, model, long_prompt, mode, api_key)
             reporting = Reporting(workers=workers, progress=False, tokenizer_id=model)
-            measured[mode] = asyncio.run(run_bench(Target(url, model), plan, source, reporting))
+            measured[mode] = asyncio.run(run_bench(Target(url, model, api_key=api_key), plan, source, reporting))
+            after = measure_stack(url, model, long_prompt, mode, api_key)
+        # Probed on both sides of the run, so the profile sees the machine as the run did
+        # (it is shared: other jobs come and go within a minute).
+        profile.stacks[mode] = StackProbe(before.samples + after.samples, before.kv_bytes, before.kv_seconds)
     predicted = predict(model, profile, plan, workers, StackSpec(model, "disagg", workers).num_prefill)
     check = Check(measured, predicted, profile.to_json())
     _save(check, out_dir)

@@ -5,7 +5,7 @@ Requests per second one instance sustains for the mean request, steps back to ba
 - decode: at the largest batch the KV cache, `max_num_seqs` and the TPOT SLO allow, a
   step emits one token per sequence;
 - colocated: both on one instance, the prompt's chunks riding along with decode steps.
-Disaggregated capacity is the smaller of the two pools'. Queueing, placement and hand-offs
+A deployment's capacity is its weakest pool's (search.rank). Queueing, placement and hand-offs
 are left to the simulation; this only orders the candidates and brackets the goodput search.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from planner.cost_model import CostModel, StepShape, decode_batch, prompt_chunk
-from planner.deployment import MAX_NUM_SEQS, Deployment, Pool, kv_tokens
+from planner.deployment import MAX_NUM_SEQS, Pool, kv_tokens
 from planner.hardware import Hardware
 from planner.model_spec import ModelSpec
 from shared.protocol import Role
@@ -86,7 +86,3 @@ def instance_capacity(model: ModelSpec, hardware: Hardware, pool: Pool, request:
     batch = max(1, min(batch_cap, round(chunk * request.output_len / request.input_len)))
     step = cost.step_time(_mixed(batch, context, chunk, int(request.input_len / 2)))
     return min(chunk / request.input_len, batch / request.output_len) / step
-
-
-def deployment_capacity(model: ModelSpec, hardware: Hardware, deployment: Deployment, request: MeanRequest) -> float:
-    return min(p.count * instance_capacity(model, hardware, p, request) for p in deployment.pools)

@@ -148,7 +148,7 @@ def candidate_layouts(model: ModelSpec, hardware: Hardware, role: Role, max_worl
     dp * tp = world for tp in 1, 2, 4, 8 and world (the seed's `dp=4, ep=16` is tp=4).
     """
     layouts: list[Layout] = []
-    for world in _powers_of_two(max_world):
+    for world in _powers_of_two(min(max_world, hardware.max_world or max_world)):
         ep = world if model.is_moe else 1
         if role is Role.PREFILL:
             options: list[Layout] = [PrefillLayout(tp=world, ep=ep)]

@@ -56,7 +56,7 @@ def _shape(sample: StepSample) -> StepShape:
 def _hardware(flops: float, bandwidth: float, efficiency: Efficiency, nic: float = 1e9) -> Hardware:
     return Hardware(name="local", flops=flops, hbm_bandwidth=bandwidth, hbm_bytes=64e9, nvlink_domain=1,
                     nvlink_bandwidth=nic, nic_bandwidth=nic, efficiency=efficiency, weight_bytes=FLOAT32,
-                    kv_bytes=FLOAT32, default_devices=2, kv_cache_tokens=KV_CACHE_TOKENS,
+                    kv_bytes=FLOAT32, default_devices=2, kv_cache_tokens=KV_CACHE_TOKENS, max_world=1,
                     description="this machine, fitted to a measured profile (pdserve plan --hardware local)")
 
 

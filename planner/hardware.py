@@ -44,6 +44,7 @@ class Hardware:
     kv_bytes: int = 2  # bytes per cached K or V value
     default_devices: int = 8
     kv_cache_tokens: int | None = None  # fixed KV budget per worker instance (local: pdserve up's); None: from memory
+    max_world: int = 0  # devices one instance may span (local: 1, the profile measured one-process workers); 0: any
     description: str = ""
     sources: tuple[str, ...] = field(default_factory=tuple)
 
@@ -51,6 +52,8 @@ class Hardware:
         for name in ("flops", "hbm_bandwidth", "hbm_bytes", "nvlink_bandwidth", "nic_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Hardware.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_world < 0:
+            raise ValueError(f"Hardware.max_world must be >= 0, got {self.max_world}")
         for name in ("nvlink_domain", "weight_bytes", "kv_bytes", "default_devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Hardware.{name} must be >= 1, got {getattr(self, name)}")

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,13 +167,13 @@ def measure_engine(model: str, threads: int, progress=lambda _: None) -> list[St
 # -- 2. the stack --------------------------------------------------------------------------------
 
 
-async def _requests(base_url: str, model: str, prompt: int, repeats: int) -> list[StackSample]:
+async def _requests(base_url: str, model: str, prompt: int, repeats: int, api_key: str) -> list[StackSample]:
     import aiohttp
 
     from loadtest import client
     from loadtest.schedule import RequestSpec
 
-    target = client.Target(base_url, model)
+    target = client.Target(base_url, model, api_key=api_key)
     out = []
     async with aiohttp.ClientSession() as session:
         for i in range(repeats):
@@ -184,16 +185,17 @@ async def _requests(base_url: str, model: str, prompt: int, repeats: int) -> lis
     return out
 
 
-def measure_stack(base_url: str, model: str, long_prompt: int, mode: str) -> StackProbe:
+def measure_stack(base_url: str, model: str, long_prompt: int, mode: str, api_key: str) -> StackProbe:
     """Single requests through a running stack of `mode` (for disagg, also one hand-off's KV bytes and UCX seconds)."""
     from loadtest.handoff_latency import one_request
 
-    asyncio.run(_requests(base_url, model, SHORT_PROMPT, 2))  # warm-up: caches, UCX endpoints
-    samples = asyncio.run(_requests(base_url, model, SHORT_PROMPT, STACK_REPEATS))
-    samples += asyncio.run(_requests(base_url, model, long_prompt, STACK_REPEATS))
+    asyncio.run(_requests(base_url, model, SHORT_PROMPT, 2, api_key))  # warm-up: caches, UCX endpoints
+    samples = asyncio.run(_requests(base_url, model, SHORT_PROMPT, STACK_REPEATS, api_key))
+    samples += asyncio.run(_requests(base_url, model, long_prompt, STACK_REPEATS, api_key))
     if mode != "disagg":
         return StackProbe(tuple(samples))
-    handoff = asyncio.run(one_request(base_url, model, [(5 * k + 11) % 4096 + 10 for k in range(long_prompt)], STACK_OUTPUT))
+    prompt = [(5 * k + 11) % 4096 + 10 for k in range(long_prompt)]
+    handoff = asyncio.run(one_request(base_url, model, prompt, STACK_OUTPUT, api_key))
     return StackProbe(tuple(samples), handoff.kv_bytes, handoff.kv_seconds)
 
 
@@ -212,8 +214,10 @@ def profile_machine(model: str, devices: int, threads: int, log_dir: Path | None
     log_dir = log_dir or cache_path(model, devices, threads).parent
     for mode in STACK_MODES:
         progress(f"profiling a pdserve up --mode {mode} stack of {max(2, devices)} workers")
-        with running_stack(StackSpec(model, mode, max(2, devices), threads=threads), log_dir / f"profile-{mode}.log") as url:
-            profile.stacks[mode] = measure_stack(url, model, long_prompt, mode)
+        api_key = secrets.token_urlsafe(16)
+        spec = StackSpec(model, mode, max(2, devices), threads=threads)
+        with running_stack(spec, log_dir / f"profile-{mode}.log", api_key=api_key) as url:
+            profile.stacks[mode] = measure_stack(url, model, long_prompt, mode, api_key)
     return profile
 
 

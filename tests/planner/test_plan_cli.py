@@ -20,7 +20,7 @@ from planner.scenario import Scenario
 from planner.search import goodput
 from planner.workload import RequestSource
 from loadtest.workloads import fixed
-from services.admin.cli import _settings
+from services.cli import build_parser
 from services.scheduler.policy import Mode, Policy
 from shared.layouts import DecoderLayout, PrefillLayout
 from shared.protocol import Role
@@ -63,11 +63,17 @@ def test_json_shape_is_stable_for_scripts(seed_plan):
     assert seed_plan["model"]["params"] == pytest.approx(235e9, rel=0.01)
 
 
+def parsed_policy(command: str) -> Policy:
+    """The command through `pdserve`'s own argument parser, its settings through the scheduler's Policy."""
+    argv = command.split()
+    assert argv[0] == "pdserve"
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.admin_command, args.mode) == ("admin", "policy", "auto")
+    return Policy().updated(dict(item.split("=", 1) for item in args.settings) | {"mode": args.mode})
+
+
 def test_policy_command_is_one_the_admin_cli_and_scheduler_accept(seed_plan):
-    command = seed_plan["policy_command"]
-    assert command.startswith("pdserve admin policy --mode auto ")
-    settings = _settings(command.split("--mode auto ")[1].split())
-    policy = Policy().updated(settings | {"mode": "auto"})
+    policy = parsed_policy(seed_plan["policy_command"])
     assert policy.mode is Mode.AUTO and 0 < policy.remote_min_prompt_tokens <= 6144  # disagg: long prompts go remote
 
 
@@ -76,7 +82,7 @@ def test_a_small_model_with_short_chat_prompts_recommends_colocated(capsys, tmp_
                         "--input-len", "256", "--output-len", "256", "--policy")
     assert document["recommendation"] == "colocated"
     assert document["modes"]["colocated"]["goodput_per_device"] > document["modes"]["disagg"]["goodput_per_device"]
-    policy = Policy().updated(_settings(document["policy_command"].split("--mode auto ")[1].split()))
+    policy = parsed_policy(document["policy_command"])
     assert policy.remote_min_prompt_tokens == 131072  # the whole context: auto keeps every prefill local
 
 
