@@ -144,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
+    from planner.cli import register as register_plan
     from services.admin.cli import register as register_admin
     from services.nats_config import register as register_nats_config
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
+    register_plan(commands.add_parser("plan", help="simulate colocated vs disaggregated serving at any scale"))
     register_nats_config(commands.add_parser("nats-config", help="write a nats-server config and per-role credentials for an external NATS"))
     return parser
 
@@ -171,6 +173,10 @@ def _run(args: argparse.Namespace) -> int:
         from loadtest.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "plan":
+        from planner.cli import run as run_plan
+
+        return run_plan(args)
     if args.command == "nats-config":
         from services.nats_config import run as run_nats_config
 
