@@ -358,6 +358,7 @@ class WorkerService:
         metrics.labels(metrics.kv_usage).set(1 - engine.num_free_blocks / engine.num_blocks)
         metrics.labels(metrics.running).set(requests.running)
         metrics.labels(metrics.waiting).set(requests.waiting)
+        self._rank_metrics()
         leader = self.group.addresses()[0]  # the address prefill workers warm up a connection to
         return Heartbeat(
             worker_id=ctx.worker_id,
@@ -380,6 +381,22 @@ class WorkerService:
             layout=ctx.layout.describe(),
             dp_load=engine.dp_loads() if engine.dp > 1 else [],
         )
+
+    def _rank_metrics(self) -> None:
+        """Per-rank gauges from what the ranks last reported (rank 0's own counters are live)."""
+        metrics = self.ctx.metrics
+        board = getattr(self.group, "board", None)
+        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        for info in self.ranks:
+            if info.rank == 0:
+                sent, received = local.bytes_sent, local.bytes_received
+            else:
+                sent, received = board.totals.get(info.rank, (0, 0)) if board is not None else (0, 0)
+            rank = str(info.rank)
+            metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="sent").set(sent)
+            metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="received").set(received)
+            allocator = self.engine.schedulers[ModelShard.of(self.ctx.layout, info.rank).dp_group].allocator
+            metrics.labels(metrics.rank_kv_blocks_used, rank=rank).set(allocator.num_blocks - allocator.num_free)
 
     async def _beat(self) -> None:
         ctx = self.ctx
