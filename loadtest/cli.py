@@ -122,7 +122,7 @@ def register(bench: argparse.ArgumentParser) -> None:
 
     from loadtest import ranks_bench
 
-    ranks = commands.add_parser("ranks", help="one worker's engine as a real rank group: tp=1 vs tp=2, collectives' share")
+    ranks = commands.add_parser("ranks", help="one worker's engine as real rank groups of several layouts: step times, collectives' share")
     ranks_bench.register(ranks)
 
 

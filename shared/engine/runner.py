@@ -15,6 +15,8 @@ when it ran them.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -63,9 +65,12 @@ class StepRunner:
         if dp_counts is None or not any(dp_counts):
             return None
         model = self.model
+        started = time.perf_counter()
         empty = torch.zeros((0, model.config.hidden_size), dtype=model.dtype)
         for block in model.moe_blocks():
             block(empty, dp_counts)
+        self.comm.seconds["empty_batch"] += time.perf_counter() - started
+        self.comm.calls["empty_batch"] += 1
         return None
 
     def _gather_groups(self, step: Step, logits: torch.Tensor | None) -> torch.Tensor | None:
