@@ -34,21 +34,23 @@ RAW_SUBJECT = "bench.raw"
 DONE_SUBJECT = "bench.done"
 
 
-def _spec(page_size: int, experts: int = 0) -> KvSpec:
-    """SmolLM2's KV shape; `experts` > 0 lets MoE layouts (ep > 1) validate (the KV does not depend on it)."""
-    return KvSpec(**SMOLLM2, page_size=page_size, num_experts=experts)
+def _spec(page_size: int, experts: int = 0, kv_heads: int = 0) -> KvSpec:
+    """SmolLM2's KV shape; `experts` > 0 lets MoE layouts (ep > 1) validate (the KV does not depend on it);
+    `kv_heads` > 0 replaces its 3 KV heads (and 9 query heads by 2 per KV head), e.g. 6 for tp=2 and tp=3."""
+    heads = dict(num_kv_heads=kv_heads, num_q_heads=2 * kv_heads) if kv_heads else {}
+    return KvSpec(**(SMOLLM2 | heads), page_size=page_size, num_experts=experts)
 
 
-def _decoder(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, ready) -> None:
-    asyncio.run(_decoder_main(nats_url, decode_layout, page_size, num_tokens, experts, ready))
+def _decoder(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, kv_heads: int, ready) -> None:
+    asyncio.run(_decoder_main(nats_url, decode_layout, page_size, num_tokens, experts, kv_heads, ready))
 
 
-async def _decoder_main(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, ready) -> None:
+async def _decoder_main(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, kv_heads: int, ready) -> None:
     from shared.session import InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
     from shared.session.rank_plan import RankShard
 
     torch.set_num_threads(1)
-    spec = _spec(page_size, experts)
+    spec = _spec(page_size, experts, kv_heads)
     layout = parse_layout(decode_layout, "decode")
     num_blocks = -(-num_tokens // page_size)
     ranks = []
@@ -102,7 +104,7 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
     from shared.session import ExportedKv, InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
 
     torch.set_num_threads(1)
-    spec = _spec(args.page_size, args.experts)
+    spec = _spec(args.page_size, args.experts, args.kv_heads)
     nc = await connect_nats(nats_url, "bench-prefill")
     done: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -160,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--prefill-layout", default="tp=3")
     parser.add_argument("--decode-layout", default="tp=1")
+    parser.add_argument("--kv-heads", type=int, default=0, help="KV heads instead of SmolLM2's 3 (query heads twice that), e.g. 6 so tp=2 and tp=3 both fit")
     parser.add_argument("--experts", type=int, default=0, help="pretend the model has this many experts, so ep layouts validate (e.g. 8)")
     args = parser.parse_args(argv)
     context = multiprocessing.get_context("spawn")
     with EmbeddedNats() as server:
         ready = context.Event()
         decoder = context.Process(
-            target=_decoder, args=(server.url, args.decode_layout, args.page_size, args.tokens, args.experts, ready), daemon=True
+            target=_decoder, args=(server.url, args.decode_layout, args.page_size, args.tokens, args.experts, args.kv_heads, ready), daemon=True
         )
         decoder.start()
         ready.wait(120)
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             decoder.join(10)
     session, raw = statistics.median(result["session_s"]), statistics.median(result["raw_s"])
     gb = result["nbytes"] / 1e9
-    print(f"{args.tokens}-token smollm2 KV, {args.prefill_layout} -> {args.decode_layout}, {result['messages']} UCX messages, {gb * 1000:.1f} MB; medians of {args.repeats}")
+    shape = f"{args.kv_heads} KV heads" if args.kv_heads else "smollm2"
+    print(f"{args.tokens}-token {shape} KV, {args.prefill_layout} -> {args.decode_layout}, {result['messages']} UCX messages, {gb * 1000:.1f} MB; medians of {args.repeats}")
     print(f"{'path':<28} {'ms':>9} {'GB/s':>7}")
     print(f"{'raw ucxx send (+ack)':<28} {raw * 1000:>9.1f} {gb / raw:>7.3f}")
     print(f"{'session push+pull+re-shard':<28} {session * 1000:>9.1f} {gb / session:>7.3f}")

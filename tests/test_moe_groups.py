@@ -15,11 +15,20 @@ import time
 
 import aiohttp
 import pytest
+import torch
 
 from shared import processes
 from shared.layouts import parse_layout
 from tests.engine.hf_checkpoints import _COMMON, hf_greedy, write_checkpoint
-from tests.test_rank_groups import Deployment, _instance, admin, cli, plan_of, rank_processes, resident_bytes
+from tests.test_rank_groups import (
+    Deployment,
+    _instance,
+    admin,
+    cli,
+    plan_of,
+    rank_processes,
+    resident_bytes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +46,7 @@ def moe(tmp_path_factory):
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
                             num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
     hf = write_checkpoint(folder, config)
-    return str(folder), [hf_greedy(hf, p, MAX_TOKENS) for p in PROMPTS]
+    return str(folder), [hf_greedy(hf, p, MAX_TOKENS) for p in PROMPTS], hf
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +85,54 @@ async def test_tp2_ep2_prefill_to_dp2_ep2_decode_equals_hf_and_each_kv_lands_on_
         # Eight at once, of different lengths: spread over both DP ranks, each equal to HF.
         results = await asyncio.gather(*(deployment.greedy(p) for p in PROMPTS))
         final = await asyncio.to_thread(decode_received, deployment, ids[1])
+        # While a request decodes, its KV in the decode ranks' caches: whole on its DP rank, equal to the
+        # prompt's K/V as transformers computes it; nothing of it on the other rank.
+        sample = await _kv_while_decoding(deployment, ids[1], PROMPTS[1])
     finally:
         await asyncio.to_thread(deployment.retire, procs, ids)
     assert [tokens for tokens, _ in results] == expected
     assert all(final[rank] > after[rank] for rank in final)  # both DP ranks served some
+    holders = [r for r in sample["ranks"] if r["holds"]]
+    assert len(holders) == 1 and len(sample["ranks"]) == 2
+    assert holders[0]["rank"] == sample["dp_group"]  # dp=2, tp=1: DP group d is rank d
+    got = torch.tensor(holders[0]["values"]).view(holders[0]["shape"])  # [layers, K/V, tokens, heads, dim]
+    assert (got - _hf_kv(moe[2], PROMPTS[1], got.shape[2])).abs().max().item() < 1e-4
+
+
+async def _kv_while_decoding(deployment: Deployment, worker_id: str, prompt: list[int]) -> dict:
+    """Streams a long request and, a few tokens in, asks the decode worker for a sample of its KV (admin `kv`)."""
+    import json
+
+    import nats
+
+    from shared.subjects import Subjects
+
+    body = {"model": deployment.model, "prompt": prompt, "max_tokens": 256 - len(prompt) - 1, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    nc = await nats.connect(deployment.nats_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{deployment.port}/v1/completions", json=body) as response:
+                chunks = 0
+                async for raw in response.content:
+                    if not raw.startswith(b"data: {"):
+                        continue
+                    chunks += 1
+                    if chunks == 3:  # token 3 came from the decoder: the KV is in its pages
+                        request_id = json.loads(raw[6:])["id"]
+                        reply = await nc.request(Subjects().admin(worker_id, "kv"), json.dumps({"request_id": request_id, "tokens": 4}).encode(), timeout=10)
+                        return json.loads(reply.data)
+    finally:
+        await nc.close()
+    raise AssertionError("the stream ended before its KV was sampled")
+
+
+def _hf_kv(hf, prompt: list[int], tokens: int):
+    """transformers' K (after RoPE) and V of the prompt's first `tokens` positions: [layers, 2, tokens, heads, dim]."""
+    with torch.inference_mode():
+        cache = hf(torch.tensor([prompt]), use_cache=True).past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return torch.stack([torch.stack((k[0, :, :tokens].transpose(0, 1), v[0, :, :tokens].transpose(0, 1))) for k, v in layers])
 
 
 async def test_ep2_colocated_equals_hf(moe, deployment):

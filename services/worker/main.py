@@ -10,25 +10,24 @@ import torch
 
 from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
+from shared.engine import load_progress
+from shared.engine.collectives import build_collectives
 from shared.engine.dtypes import default_dtype, parse_dtype
 from shared.engine.engine import Engine, SchedulingConfig
-from shared.engine import load_progress
 from shared.engine.loader import load_model
+from shared.engine.shard import ModelShard
+from shared.engine.step_work import Stop
 from shared.log import configure_logging
 from shared.nats_auth import connect_options_for
 from shared.nats_permissions import NatsRole
-from shared.protocol import Role
-from shared.runtime import close_nats, connect_nats, stop_event_on_signals
-from shared.engine.collectives import build_collectives
-from shared.engine.shard import ModelShard
-from shared.engine.step_work import Stop
-from shared.protocol import RankAddress
+from shared.protocol import RankAddress, Role
 from shared.ranks.channel import LeaderChannel
 from shared.ranks.follower import Follower
 from shared.ranks.leader_group import LeaderGroup
 from shared.ranks.process_group import RankGroupError, leave
 from shared.ranks.reports import ReportBoard, describe_rank, publish_info, read_infos
 from shared.ranks.setup import RankSetup
+from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.session import InProcessGroup, RankTransfer, UcxKvTransport
 from shared.subjects import Subjects
 from shared.transport.ucx_host import UcxHostError, keep_ucx_on, resolve_ucx_host
@@ -63,7 +62,9 @@ async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals() if group.rank == 0 else None  # other ranks die on SIGTERM; their leader stops them
     try:
         store = await group.join(args.dist_timeout)
-        return await (_lead(args, role, worker_id, layout, group, store, stop, log) if group.rank == 0 else _follow(args, role, layout, group, store, log))
+        if group.rank == 0:  # the leader: NATS, scheduling, and its own shard
+            return await _lead(args, role, worker_id, layout, group, store, stop, log)
+        return await _follow(args, role, layout, group, store, log)
     except RankGroupError as exc:
         log.error("rank_group_failed", error=str(exc))
         raise SystemExit(f"pdserve {args.command} (worker {worker_id}, rank {group.rank}): {exc}") from None

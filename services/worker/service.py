@@ -38,6 +38,7 @@ log = structlog.get_logger()
 
 _cancel_decoder = protocol.decoder(CancelRequest)
 PROBE_TIMEOUT_S = 3.0  # admin status waits this long for the other ranks' answers
+KV_SAMPLE_MAX_TOKENS = 64  # admin `kv` returns values: keep them small
 _heartbeat_decoder = protocol.decoder(Heartbeat)
 
 
@@ -113,7 +114,7 @@ class WorkerService:
             subjects,
             "worker",
             ctx.worker_id,
-            {"status": self._status, "requests": self._requests, "drain": self._drain, "cancel": self._admin_cancel},
+            {"status": self._status, "requests": self._requests, "kv": self._kv, "drain": self._drain, "cancel": self._admin_cancel},
         )
         if self.metrics_port:
             ctx.metrics.serve(self.metrics_port)
@@ -318,6 +319,28 @@ class WorkerService:
                 "ranks": self._ranks_holding(request.request_id),
             })
         return {"instance": self.ctx.worker_id, "ranks": self.group.world, "requests": rows}
+
+    async def _kv(self, body: dict) -> dict:
+        """A sample of a request's KV as each rank's cache holds it: the first `tokens` positions, every one of the
+        rank's layers and heads (debugging a hand-off: which rank holds what, and is it right)."""
+        request_id, tokens = body.get("request_id"), body.get("tokens", 4)
+        if not isinstance(request_id, str) or not isinstance(tokens, int) or not 0 < tokens <= KV_SAMPLE_MAX_TOKENS:
+            raise AdminError(400, f'"request_id" (a string) and "tokens" (1..{KV_SAMPLE_MAX_TOKENS}) are required')
+        seq, group = self.engine.sequence(request_id), self.engine.dp_group_of(request_id)
+        if seq is None or seq.num_cached < tokens:
+            raise AdminError(404, f"{request_id!r} holds no KV of {tokens} tokens on {self.ctx.worker_id}")
+        table = list(seq.block_table)
+        rows = {}
+        if ModelShard.of(self.ctx.layout, 0).dp_group == group:
+            own = await self.ctx.engine_loop.call(self.engine.runner.export, table, tokens)
+            rows[0] = {"shape": list(own.shape), "values": own.float().flatten().tolist()}
+        sample = getattr(self.group, "sample_kv", None)
+        if sample is not None:
+            for rank, report in (await sample(table, tokens, group, PROBE_TIMEOUT_S)).items():
+                if report.shape:
+                    rows[rank] = {"shape": report.shape, "values": report.values}
+        ranks = [{"rank": info.rank, "holds": info.rank in rows, **rows.get(info.rank, {})} for info in self.ranks]
+        return {"instance": self.ctx.worker_id, "request_id": request_id, "dp_group": group, "ranks": ranks}
 
     def _ranks_holding(self, request_id: str) -> list[int]:
         """The ranks whose caches hold (or will hold) the request's KV: its DP group's."""

@@ -8,7 +8,8 @@ One msgspec message per broadcast (shared/ranks/channel.py), a tagged union deco
   outboxes), or received KV into them; both between steps, in order with them;
 - session moves (`Prepare`, `Send`, `Receive`, `Drop`): run by each rank's event loop;
 - `Keepalive` while idle (no collective waits past its timeout), `Stop` at shutdown,
-  `Probe` for admin status (each rank reports what it holds).
+  `Probe` for admin status (each rank reports what it holds), `SampleKv` for admin `kv`
+  (the ranks holding a request report a sample of its K/V).
 """
 
 from __future__ import annotations
@@ -102,11 +103,20 @@ class Probe(_Msg, tag=10):
     probe_id: str
 
 
+class SampleKv(_Msg, tag=11):
+    """The ranks of DP group `dp_group` report the first `num_tokens` of a request's K/V in their cache (admin `kv`)."""
+
+    probe_id: str
+    block_table: list[int]
+    num_tokens: int
+    dp_group: int
+
+
 class Stop(_Msg, tag=9):
     reason: str
 
 
-Work = Step | Export | Scatter | Prepare | Send | Receive | Drop | Keepalive | Stop | Probe
+Work = Step | Export | Scatter | Prepare | Send | Receive | Drop | Keepalive | Stop | Probe | SampleKv
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Work)

@@ -15,10 +15,24 @@ import asyncio
 import threading
 
 import structlog
+import torch
 import torch.distributed as dist
 
 from shared.engine.engine import Engine
-from shared.engine.step_work import Drop, Export, Keepalive, Prepare, Probe, Receive, Scatter, Send, Step, Stop, Work
+from shared.engine.step_work import (
+    Drop,
+    Export,
+    Keepalive,
+    Prepare,
+    Probe,
+    Receive,
+    SampleKv,
+    Scatter,
+    Send,
+    Step,
+    Stop,
+    Work,
+)
 from shared.ranks.channel import FollowerChannel
 from shared.ranks.reports import RankReport, post_report
 from shared.session.errors import KvTransferError
@@ -61,6 +75,7 @@ class Follower:
         threading.Thread(target=collective_thread, name=f"rank{self.rank}-collectives", daemon=True).start()
         return await ended
 
+    @torch.inference_mode()  # as the leader's engine steps: no autograd state on any rank
     def _follow(self) -> str:
         channel = FollowerChannel()
         runner = self.engine.runner
@@ -78,6 +93,12 @@ class Follower:
                 case Keepalive(forget=forget):
                     for request_id in forget:
                         runner.tables.pop(request_id, None)
+                case SampleKv(probe_id=probe_id, block_table=table, num_tokens=num_tokens, dp_group=group):
+                    report = RankReport("kv", probe_id, self.rank, True)
+                    if group == self.engine.runner.shard.dp_group:
+                        sample = runner.export(table, num_tokens)
+                        report.shape, report.values = list(sample.shape), sample.float().flatten().tolist()
+                    post_report(self.store, report)
                 case Probe(probe_id=probe_id):
                     report = RankReport(
                         "probe", probe_id, self.rank, True, bytes_sent=self.transfer.bytes_sent,

@@ -14,7 +14,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 
-from shared.engine.step_work import Drop, Peer, PlanKey, Prepare, Probe, Receive, Scatter, Send, Work
+from shared.engine.step_work import (
+    Drop,
+    Peer,
+    PlanKey,
+    Prepare,
+    Probe,
+    Receive,
+    SampleKv,
+    Scatter,
+    Send,
+    Work,
+)
 from shared.protocol import KvSegment, RankAddress, TransferStats
 from shared.ranks.reports import RankReport, ReportBoard
 from shared.session.errors import KvTransferError
@@ -102,6 +113,13 @@ class LeaderGroup:
             reports = await self.board.collect("probe", probe_id, set(range(1, self.world)), timeout)
         except TimeoutError:
             return {}
+        return {r.rank: r for r in reports}
+
+    async def sample_kv(self, block_table: list[int], num_tokens: int, dp_group: int, timeout: float) -> dict[int, RankReport]:
+        """The other ranks' samples of a request's first `num_tokens` K/V (empty shape: the rank holds none of it)."""
+        probe_id = f"kv-{uuid.uuid4().hex[:8]}"
+        await self._submit(SampleKv(probe_id, list(block_table), num_tokens, dp_group))
+        reports = await self._collect("kv", probe_id, set(range(1, self.world)), timeout)
         return {r.rank: r for r in reports}
 
     def drop(self, session_id: str) -> None:

@@ -40,7 +40,7 @@ class RankInfo(msgspec.Struct, array_like=True, omit_defaults=True):
 class RankReport(msgspec.Struct, array_like=True, omit_defaults=True):
     """How one rank's part of a KV move ended."""
 
-    op: str  # "send" | "receive" | "probe"
+    op: str  # "send" | "receive" | "probe" | "kv"
     session_id: str
     rank: int
     ok: bool
@@ -52,6 +52,8 @@ class RankReport(msgspec.Struct, array_like=True, omit_defaults=True):
     bytes_received: int = 0
     tables: int = 0  # block tables of requests the rank holds (probe)
     sessions: int = 0  # KV sessions holding memory on the rank (probe)
+    shape: list[int] = []  # a KV sample's [layers, 2, tokens, heads, head_dim] (empty: the rank holds none of it)
+    values: list[float] = []  # the sample, flattened
 
 
 _info_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(RankInfo))

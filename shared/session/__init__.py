@@ -17,7 +17,13 @@ from shared.session.pair_buffers import PagedKv
 from shared.session.rank_transfer import RankTransfer
 from shared.session.received import RankReceived
 from shared.session.transport import KvTransport, UcxKvTransport
-from shared.session.wire import layout_from_wire, layout_to_wire, spec_from_wire, spec_to_wire, wire_segments
+from shared.session.wire import (
+    layout_from_wire,
+    layout_to_wire,
+    spec_from_wire,
+    spec_to_wire,
+    wire_segments,
+)
 
 __all__ = [
     "ExportedKv",

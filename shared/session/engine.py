@@ -43,12 +43,24 @@ import torch
 
 from shared.kv_spec import IncompatibleKvError, KvSpec, check_compatible, first_mismatch
 from shared.layouts import Layout, LayoutError, validate
-from shared.protocol import OfferReply, SessionAccepted, SessionOffer, SessionRefused, TransferStats
+from shared.protocol import (
+    OfferReply,
+    SessionAccepted,
+    SessionOffer,
+    SessionRefused,
+    TransferStats,
+)
 from shared.session.announcer import SessionAnnouncer
 from shared.session.errors import KvTransferError
 from shared.session.group import InProcessGroup, RankGroup
 from shared.session.pair_buffers import PagedKv
-from shared.session.wire import layout_from_wire, layout_to_wire, spec_from_wire, spec_to_wire, wire_segments
+from shared.session.wire import (
+    layout_from_wire,
+    layout_to_wire,
+    spec_from_wire,
+    spec_to_wire,
+    wire_segments,
+)
 from shared.transfer_plan import TransferPlan, plan_transfer
 
 DEFAULT_LEASE_S = 10.0

@@ -35,8 +35,8 @@ class StagingPool:
         with self._lock:
             fits = [b for b in self._idle if nbytes <= b.numel() <= 2 * max(nbytes, _ALIGN)]
             whole = min(fits, key=lambda b: b.numel()) if fits else None
-            if whole is not None:
-                self._idle.remove(whole)
+            if whole is not None:  # by identity: list.remove would compare tensors elementwise
+                self._idle = [b for b in self._idle if b is not whole]
         if whole is None:
             whole = host_buffer(-(-max(nbytes, 1) // _ALIGN) * _ALIGN)
         with self._lock:

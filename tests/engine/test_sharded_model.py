@@ -17,7 +17,13 @@ import traceback
 import pytest
 import torch
 
-from tests.engine.hf_checkpoints import _COMMON, hf_greedy, hf_last_logits, prompt_ids, write_checkpoint
+from tests.engine.hf_checkpoints import (
+    _COMMON,
+    hf_greedy,
+    hf_last_logits,
+    prompt_ids,
+    write_checkpoint,
+)
 
 MAX_NEW = 6
 BLOCK = 4
