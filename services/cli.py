@@ -17,10 +17,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> None:
     parser.add_argument("--nats", required=needs_nats, metavar="URL", help="NATS server URL, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--drain-timeout", type=_positive_float, default=30.0,
+        help="on SIGTERM: seconds to finish requests in flight before ending them with an error",
+    )  # fmt: skip
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-block-size", type=_positive_int, default=None, help="decode workers' KV page size (default: --block-size)")
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
+    up.add_argument("--migration-limit", type=_non_negative_int, default=3, help="gateway: times a request may move to other workers when one fails (0: off)")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler")
     _add_common(scheduler)
@@ -76,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--default-max-tokens", type=_positive_int, default=256)
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
+    gateway.add_argument("--migration-limit", type=_non_negative_int, default=3, help="times a request may move to other workers when one fails (0: off)")
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
         worker = commands.add_parser(role, help=text)
@@ -98,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (still importing)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from services.launcher import run_stack
@@ -111,19 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         from services.admin.cli import run as run_admin
 
         return run_admin(args)
+    from shared.shutdown import exit_without_teardown
+
     if args.command == "scheduler":
         from services.scheduler.main import run
 
-        return asyncio.run(run(args))
+        exit_without_teardown(asyncio.run(run(args)))
     if args.command == "gateway":
         from services.gateway.main import run
 
-        return asyncio.run(run(args))
+        exit_without_teardown(asyncio.run(run(args)))
     from services.worker.main import run
 
     if args.command != "worker":
         args.role = args.command
-    return asyncio.run(run(args))
+    exit_without_teardown(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Start order: nats-server (unless --nats), scheduler, workers, gateway. Ready means
 every worker has sent a heartbeat and the gateway accepts connections; then one line
-with the URL is printed. SIGINT/SIGTERM, or any child dying, stops every child.
+with the URL is printed. While serving, children that die are restarted (supervisor.py).
+SIGINT/SIGTERM stops the stack in order (gateway drains, workers, scheduler,
+nats-server); a second one kills every child at once. An interrupt during start-up
+stops whatever was started: a worker still loading exits at once on SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,21 +18,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from services.scheduler.policy import Mode
+from services.supervisor import Child, Stage, StackError, Supervisor
 from shared import processes, protocol
 from shared.nats_server import EmbeddedNats
 from shared.protocol import Heartbeat
-from shared.runtime import connect_nats
+from shared.runtime import close_nats, connect_nats
 from shared.stack_registry import record_stack
 from shared.subjects import Subjects
 
 READY_TIMEOUT_S = 600.0
-
-
-class StackError(RuntimeError):
-    pass
+SUPERVISE_POLL_S = 0.2
 
 
 def _worker_plans(mode: Mode, args: argparse.Namespace) -> list[WorkerPlan]:
@@ -88,40 +92,29 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], children, timeout: float, interrupted) -> None:
+async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], supervisor: Supervisor, timeout: float, interrupted) -> None:
     nc = await connect_nats(nats_url, "pd-launcher")
     seen: set[str] = set()
     decoder = protocol.decoder(Heartbeat)
 
     async def on_beat(msg) -> None:
-        seen.add(decoder.decode(msg.data).worker_id)
+        try:
+            seen.add(decoder.decode(msg.data).worker_id)
+        except msgspec.DecodeError:
+            pass
 
     await nc.subscribe(subjects.all_heartbeats, cb=on_beat)
     deadline = time.monotonic() + timeout
     try:
         while not worker_ids <= seen:
-            _raise_if_any_died(children)
+            supervisor.raise_if_any_died()
             if interrupted():
                 raise StackError("interrupted before the stack was ready")
             if time.monotonic() > deadline:
                 raise StackError(f"workers not ready after {timeout:.0f}s: {sorted(worker_ids - seen)}")
             await asyncio.sleep(0.1)
     finally:
-        await nc.close()
-
-
-def _raise_if_any_died(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is not None:
-            raise StackError(f"{' '.join(child.args[3:5])} exited with code {child.returncode}")
-
-
-def _raise_if_any_failed(children: list[subprocess.Popen]) -> None:
-    """Once serving, a worker that exits 0 was drained on purpose; anything else stops the stack."""
-    for child in children:
-        code = child.poll()
-        if code is not None and not (code == 0 and "worker" in child.args):
-            raise StackError(f"{' '.join(child.args[3:5])} exited with code {code}")
+        await close_nats(nc)
 
 
 def run_stack(args: argparse.Namespace) -> int:
@@ -139,25 +132,74 @@ def run_stack(args: argparse.Namespace) -> int:
     if plan_summary:
         print(plan_summary, flush=True)
 
-    stop_requested = False
+    signals = _Signals()
+    nats = None
+    supervisor = Supervisor()
+    exit_code = 0
+    state_file = None
+    try:
+        if not args.nats:
+            nats = EmbeddedNats()
+            supervisor.add(Child("nats-server", Stage.NATS, lambda: nats.start().process, captures_output=False))
+        nats_url = args.nats or nats.url
+        subjects = Subjects(args.prefix)
+        workers = _worker_plans(mode, args)
+        for child in _service_children(args, mode, nats_url, workers):
+            if signals.stop_requested:
+                raise StackError("interrupted before the stack was ready")
+            supervisor.add(child)
+        worker_ids = {w.worker_id for w in workers}
+        asyncio.run(_wait_for_workers(nats_url, subjects, worker_ids, supervisor, READY_TIMEOUT_S, lambda: signals.stop_requested))
+        gateway = supervisor.children[-1].proc
+        processes.wait_for_port(args.host, args.port, timeout=60.0, proc=gateway, interrupted=lambda: signals.stop_requested)
+        gateway_url = f"http://{args.host}:{args.port}/v1"
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
+        while not signals.stop_requested:
+            supervisor.poll()
+            time.sleep(SUPERVISE_POLL_S)
+    except (RuntimeError, OSError) as exc:  # StackError, a child that never listened, an interrupt
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
+        supervisor.stop(args.drain_timeout, forced=lambda: signals.forced)
+        if nats is not None:
+            nats.stop()
+    return exit_code
 
-    def request_stop(*_) -> None:
-        nonlocal stop_requested
-        stop_requested = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+class _Signals:
+    """SIGINT/SIGTERM: the first asks for an ordered stop, the second forces it."""
 
-    nats = None if args.nats else EmbeddedNats().start()
-    nats_url = args.nats or nats.url
-    subjects = Subjects(args.prefix)
-    workers = _worker_plans(mode, args)
+    def __init__(self):
+        self.count = 0
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, *_) -> None:
+        self.count += 1
+        if self.count == 1:
+            print("pdserve up: stopping (gateway drains first; interrupt again to kill everything now)", file=sys.stderr, flush=True)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.count >= 1
+
+    @property
+    def forced(self) -> bool:
+        return self.count >= 2
+
+
+def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan]) -> list[Child]:
+    """Scheduler, workers, gateway: in start order."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
-    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level]
-    commands = [base + ["scheduler", *common, "--mode", mode.value]]
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
+    children = [_child("scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value])]
     for worker in workers:
-        commands.append(
+        command = (
             base
             + ["worker", *common, "--role", worker.role, "--worker-id", worker.worker_id, "--model", args.model]
             + ["--layout", worker.layout, "--block-size", str(worker.block_size)]
@@ -168,32 +210,16 @@ def run_stack(args: argparse.Namespace) -> int:
             + ["--max-num-seqs", str(args.max_num_seqs)]
             + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
-    commands.append(
+        children.append(_child(f"worker {worker.worker_id}", Stage.WORKERS, command))
+    gateway = (
         base
         + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
-        + ["--max-concurrent-requests", str(args.max_concurrent_requests)]
+        + ["--max-concurrent-requests", str(args.max_concurrent_requests), "--migration-limit", str(args.migration_limit)]
     )
+    children.append(_child("gateway", Stage.GATEWAY, gateway))
+    return children
 
-    children: list[subprocess.Popen] = []
-    exit_code = 0
-    state_file = None
-    try:
-        children = [processes.spawn(command) for command in commands]
-        asyncio.run(_wait_for_workers(nats_url, subjects, {w.worker_id for w in workers}, children, READY_TIMEOUT_S, lambda: stop_requested))
-        processes.wait_for_port(args.host, args.port, timeout=60.0, proc=children[-1])
-        gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
-        print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
-        while not stop_requested:
-            _raise_if_any_failed(children)
-            time.sleep(0.2)
-    except StackError as exc:
-        print(f"pdserve up: {exc}", file=sys.stderr)
-        exit_code = 1
-    finally:
-        if state_file is not None:
-            state_file.unlink(missing_ok=True)
-        processes.stop(list(reversed(children)))  # gateway first, nats-server after all
-        if nats is not None:
-            nats.stop()
-    return exit_code
+
+def _child(name: str, stage: Stage, command: list[str]) -> Child:
+    launch: Callable[[], subprocess.Popen] = lambda: processes.spawn(command, stderr=subprocess.PIPE)
+    return Child(name, stage, launch)

@@ -41,6 +41,11 @@ class EmbeddedNats:
         processes.wait_for_port(self.host, self.port, timeout=10.0, proc=self._proc)
         return self
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The running nats-server (for a supervisor that restarts it on the same port)."""
+        return self._proc
+
     def stop(self) -> None:
         if self._proc is not None:
             processes.stop([self._proc], grace_seconds=5.0)

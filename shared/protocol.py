@@ -63,6 +63,9 @@ class Sampling(_Msg):
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    # Tokens generated before this job (a migrated request's continuation): the n-th token
+    # drawn here is the request's (step_offset + n)-th, so seeded sampling goes on unchanged.
+    step_offset: int = 0
 
 
 class ServiceError(_Msg, tag=0):
@@ -75,6 +78,7 @@ class PlaceRequest(_Msg):
     model: str
     num_prompt_tokens: int
     max_tokens: int
+    avoid_workers: list[str] = []  # a migration's re-placement: workers that just failed this request
 
 
 class Placement(_Msg, tag=1):
@@ -84,6 +88,10 @@ class Placement(_Msg, tag=1):
     decode_worker: str  # equals prefill_worker on the colocated path
     decode_layout: str = ""  # the decoder's layout ("dp=2,tp=2,pp=1,ep=1"): the push targets it
     decode_dp_group: int = 0  # the decoder's DP group that will hold the request
+    # Which run of each worker was chosen: a worker restarted under the same id is a new
+    # incarnation, and requests placed on the old one must still migrate.
+    prefill_incarnation: str = ""
+    decode_incarnation: str = ""
 
 
 class PrefillJob(_Msg):
@@ -196,6 +204,10 @@ class TokenEvent(_Msg):
     error: str | None = None
     kv_transfer: TransferStats | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    error_code: ErrorCode | None = None  # with ERROR: UNAVAILABLE (503, the gateway may migrate), 429, 400; else 500
+    # Set by the prefill worker when the request's decode moved to another worker than the
+    # placement's (a hand-off retried on another decoder): the gateway then accepts its events.
+    decode_worker: str = ""
 
 
 class Heartbeat(_Msg):
@@ -218,6 +230,18 @@ class Heartbeat(_Msg):
     handoff_bytes_per_s: float = 0.0
     metrics_port: int = 0
     layout: str = ""  # this worker's parallel layout, e.g. "tp=4,pp=1,ep=4"
+    incarnation: str = ""  # new on every start of the process, so a restart under the same id is seen
+
+
+class WorkerDown(_Msg):
+    """Scheduler -> gateways: a worker stopped beating (or came back as a new incarnation).
+
+    Every scheduler publishes it, so gateways see duplicates: handling one twice is harmless.
+    """
+
+    worker_id: str
+    incarnation: str
+    reason: str
 
 
 PlaceReply = Placement | ServiceError

@@ -6,6 +6,7 @@ Tokenization and the chat template run here, so workers only ever see token ids.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ class GatewayLimits:
 
 
 def _error_response(error: RequestError) -> web.Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    # 503 (unavailable: no worker, draining) and 429 (busy) are both worth retrying soon.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None
     return web.json_response(error.body(), status=error.status, headers=headers)
 
 
@@ -68,6 +70,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.started = int(time.time())
         self.in_flight: set[str] = set()
+        self.draining = False  # set on SIGTERM (shutdown.py): new requests and /health get 503
         self.logprob_formatter = LogprobFormatter(tokenizer)
 
     def app(self) -> web.Application:
@@ -87,6 +90,8 @@ class Gateway:
         return self.dispatcher.interrupt(request_id)
 
     async def health(self, _: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining", "model": self.model_name}, status=503)
         return web.json_response({"status": "ok", "model": self.model_name})
 
     async def models(self, _: web.Request) -> web.Response:
@@ -134,7 +139,8 @@ class Gateway:
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
-            seed=body.seed,
+            # Pinned here when sampling without one, so a migrated request keeps drawing from the same seed.
+            seed=body.seed if body.seed is not None or body.temperature == 0 else secrets.randbits(63),
             ignore_eos=body.ignore_eos,
             stop_token_ids=list(body.stop_token_ids),
             logprobs=body.requested_logprobs(),
@@ -144,6 +150,9 @@ class Gateway:
         arrived = time.monotonic()
         sampling = self._sampling(body, len(prompt_ids))
         stop_strings = StopStrings(body.stop_strings())
+        if self.draining:
+            self.metrics.rejected.labels(status="503").inc()
+            raise RequestError(503, "the gateway is shutting down; retry on another instance")
         if len(self.in_flight) >= self.limits.max_concurrent_requests:
             self.metrics.rejected.labels(status="429").inc()
             raise RequestError(429, f"the gateway is at its limit of {self.limits.max_concurrent_requests} concurrent requests")
@@ -179,13 +188,12 @@ class Gateway:
         events = timing.track(dispatched.events)
         try:
             if body.stream:
-                return await self._stream(request, completion, events, body.include_usage, headers)
+                return await self._stream(request, completion, dispatched, events, body.include_usage, headers)
             async for event in events:
+                completion.follow(dispatched)
                 completion.absorb(event)
                 if completion.stopped_by_string:
                     break  # closing the stream below cancels the request on its workers
-            if completion.finish_reason is FinishReason.ERROR:
-                raise RequestError(500, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
                 raise RequestError(503, completion.error or "request cancelled")
             return web.json_response(completion.final(), headers=headers)
@@ -202,7 +210,7 @@ class Gateway:
         self.metrics.prompt_tokens.inc(completion.num_prompt_tokens)
         self.metrics.generation_tokens.inc(completion.num_generated)
 
-    async def _stream(self, request, completion: Completion, events, include_usage: bool, headers: dict) -> web.StreamResponse:
+    async def _stream(self, request, completion: Completion, dispatched, events, include_usage: bool, headers: dict) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await response.prepare(request)
 
@@ -212,10 +220,8 @@ class Gateway:
         first = True
         try:
             async for event in events:
+                completion.follow(dispatched)
                 delta = completion.absorb(event)
-                if event.finish_reason is FinishReason.ERROR:
-                    await send(RequestError(500, completion.error or "generation failed").body())
-                    break
                 if event.finish_reason is FinishReason.CANCELLED:
                     await send(RequestError(503, completion.error or "request cancelled").body())
                     break

@@ -9,11 +9,13 @@ from aiohttp import web
 
 from services.gateway.app import Gateway, GatewayLimits
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.shutdown import drain
 from shared.admin import AdminError, start_admin
 from shared.engine.loader import load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
+from shared.shutdown import bounded
 from shared.subjects import Subjects
 
 
@@ -32,12 +34,12 @@ def admin_handlers(gateway: Gateway, instance_id: str, url: str) -> dict:
 
 async def run(args: argparse.Namespace) -> int:
     log = configure_logging("gateway", args.log_level)
-    stop = stop_event_on_signals()
     tokenizer = load_tokenizer(args.model)
     config = load_model_config(args.model)
     nc = await connect_nats(args.nats, "pd-gateway")
     subjects = Subjects(args.prefix)
-    dispatcher = Dispatcher(nc, subjects, stall_timeout_s=args.stall_timeout)
+    dispatcher = Dispatcher(nc, subjects, stall_timeout_s=args.stall_timeout, migration_limit=args.migration_limit)
+    await dispatcher.start()
     limits = GatewayLimits(
         max_model_len=config.max_position_embeddings,
         default_max_tokens=args.default_max_tokens,
@@ -53,10 +55,14 @@ async def run(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     instance_id = f"gateway-{uuid.uuid4().hex[:8]}"
     admin = await start_admin(nc, subjects, "gateway", instance_id, admin_handlers(gateway, instance_id, url))
+    # Until here a signal ends the process at once (nothing to drain yet); from now on it drains.
+    stop = stop_event_on_signals()
     log.info("gateway_started", url=url, model=args.model, instance=instance_id)
     await stop.wait()
     log.info("gateway_stopping")
-    await admin.stop()
-    await runner.cleanup()
+    await drain(gateway, args.drain_timeout)
+    await bounded(admin.stop(), "admin stop")
+    await bounded(runner.cleanup(), "http server stop")
+    await bounded(dispatcher.stop(), "dispatcher stop")
     await close_nats(nc)
     return 0

@@ -105,8 +105,9 @@ def _decode_dp_group(decode: WorkerLoad) -> int:
 
 def _placement(request: PlaceRequest, path: Path, prefill: WorkerLoad, decode: WorkerLoad) -> Placement:
     return Placement(
-        request.request_id, path, prefill.worker_id, decode.worker_id, decode.beat.layout, _decode_dp_group(decode)
-    )
+        request.request_id, path, prefill.worker_id, decode.worker_id, decode.beat.layout, _decode_dp_group(decode),
+        prefill.incarnation, decode.incarnation,
+    )  # fmt: skip
 
 
 def _unavailable(message: str) -> ServiceError:
@@ -135,7 +136,8 @@ def estimate_ttft(request: PlaceRequest, prefill: WorkerLoad, decode: WorkerLoad
 
 
 def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) -> Placement | ServiceError:
-    serving = [w for w in workers if w.beat.model == request.model and not w.beat.draining]
+    avoided = set(request.avoid_workers)
+    serving = [w for w in workers if w.beat.model == request.model and not w.beat.draining and w.worker_id not in avoided]
     if not serving:
         return _unavailable(f"no live worker serves model {request.model!r}")
     open_workers = [w for w in serving if w.waiting < policy.max_waiting_per_worker]

@@ -11,12 +11,14 @@ import torch
 
 from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
+from services.worker.shutdown import drain_on_signal, wait_for_either
 from shared.engine.dtypes import default_dtype, parse_dtype
 from shared.engine.engine import Engine, SchedulingConfig
 from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.protocol import Role
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
+from shared.shutdown import bounded
 from shared.subjects import Subjects
 
 STOP_TIMEOUT_S = 15.0
@@ -39,7 +41,6 @@ async def run(args: argparse.Namespace) -> int:
     log = configure_logging(f"{role.label}-worker", args.log_level).bind(worker_id=worker_id)
     if args.threads:
         torch.set_num_threads(args.threads)
-    stop = stop_event_on_signals()
     try:
         layout = parse_worker_layout(role, args.layout)
     except ValueError as exc:
@@ -55,6 +56,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype, scheduling=scheduling)
     nc = await connect_nats(args.nats, f"pd-{worker_id}")
+    drained = asyncio.Event()
     service = WorkerService(
         nc,
         Subjects(args.prefix),
@@ -66,14 +68,15 @@ async def run(args: argparse.Namespace) -> int:
         ucx_host=resolve_ucx_host(args.ucx_host),
         max_waiting=args.max_waiting,
         metrics_port=args.metrics_port,
-        on_drained=stop.set,
+        on_drained=drained.set,
     )
     await service.start()
-    await stop.wait()
+    # Until here (loading, connecting) a signal ends the process at once: nothing to drain yet.
+    signalled = stop_event_on_signals()
+    await wait_for_either(signalled, drained)  # SIGTERM, or an admin drain that finished
+    if not drained.is_set():
+        await drain_on_signal(service, drained, args.drain_timeout)
     log.info("worker_stopping")
-    try:
-        await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S)
-    except TimeoutError:
-        log.warning("worker_stop_timed_out")
+    await bounded(service.stop(), "worker stop", STOP_TIMEOUT_S)
     await close_nats(nc)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 
 import msgspec
@@ -81,6 +82,7 @@ class WorkerService:
         self._tasks: list[asyncio.Task] = []
         self._admin = None
         self._warmed: set[tuple[str, int]] = set()
+        self.incarnation = uuid.uuid4().hex[:12]  # this run of the process: a restart under the same id is another
 
     @property
     def engine(self) -> Engine:
@@ -215,12 +217,16 @@ class WorkerService:
         }
 
     async def _drain(self, _: dict) -> dict:
+        await self.drain()
+        return {"instance": self.ctx.worker_id, "draining": True}
+
+    async def drain(self) -> None:
+        """Stops taking work; `on_drained` is called once everything in flight is done."""
         if not self.ctx.draining:
             self.ctx.draining = True
             await self._beat()  # leave placement now, not at the next beat
             self._tasks.append(asyncio.create_task(self._finish_then_exit(), name="drain"))
             log.info("draining")
-        return {"instance": self.ctx.worker_id, "draining": True}
 
     async def _finish_then_exit(self) -> None:
         while self.ctx.waiting or self.engine.has_unfinished or self.engine.num_sequences or self.prefill.num_handoffs_in_flight:
@@ -254,6 +260,7 @@ class WorkerService:
             handoff_bytes_per_s=ctx.rates.handoff_bytes_per_s,
             metrics_port=self.metrics_port,
             layout=ctx.layout.describe(),
+            incarnation=self.incarnation,
         )
 
     async def _beat(self) -> None:
