@@ -202,6 +202,7 @@ class Gateway:
             # not whenever the generators are garbage-collected.
             await events.aclose()
             await dispatched.events.aclose()
+            completion.follow(dispatched)  # a request that failed after migrating counts its moves too
             self._count_finished(completion)
 
     def _count_finished(self, completion: Completion) -> None:
@@ -209,6 +210,7 @@ class Gateway:
         self.metrics.requests.labels(finish_reason=reason, path=completion.placement.path.label).inc()
         self.metrics.prompt_tokens.inc(completion.num_prompt_tokens)
         self.metrics.generation_tokens.inc(completion.num_generated)
+        self.metrics.migrations.inc(completion.migrations)
 
     async def _stream(self, request, completion: Completion, dispatched, events, include_usage: bool, headers: dict) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})

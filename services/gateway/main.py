@@ -21,7 +21,7 @@ from shared.subjects import Subjects
 
 def admin_handlers(gateway: Gateway, instance_id: str, url: str) -> dict:
     async def status(_: dict) -> dict:
-        return {"instance": instance_id, "kind": "gateway", "url": url, "model": gateway.model_name, "in_flight": len(gateway.in_flight)}
+        return {"instance": instance_id, "kind": "gateway", "url": url, "model": gateway.model_name, "in_flight": len(gateway.in_flight), "draining": gateway.draining}
 
     async def cancel(body: dict) -> dict:
         request_id = body.get("request_id")
