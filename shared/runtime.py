@@ -61,7 +61,7 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-async def close_nats(nc: NatsClient, timeout: float = 5.0) -> None:
+async def close_nats(nc: NatsClient, timeout: float = 2.0) -> None:
     """Drains if the server is there; otherwise (or if draining stalls) just closes.
 
     Bounded either way: a server that is gone must not keep a stopping service alive.
