@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.reshard_reference import gather_pair_buffers, scatter_pair_buffers
+from shared.reshard.gather import gather_pair_buffers
+from shared.reshard.scatter import scatter_pair_buffers
 from shared.kv_spec import KvSpec, dtype_from_name
 from shared.layouts import DecoderLayout, Layout, PrefillLayout
 from shared.transfer_plan import plan_transfer

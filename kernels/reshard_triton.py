@@ -8,7 +8,7 @@ page slot, so head slicing/merging, any page size, NHD or HND (through the slot 
 strides) and the dtype cast are one pass over the bytes.
 
 On CPU the kernel runs only under `TRITON_INTERPRET=1` (set before triton is imported);
-the serving path on CPU is `kernels.reshard_reference.scatter_pair_buffers`.
+the serving path on CPU is `shared.reshard.scatter.scatter_pair_buffers`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reshard_reference import BlockTable, check_cache, page_ids, pages_needed, typed_buffer
+from shared.reshard.buffers import BlockTable, check_cache, page_ids, typed_buffer
+from shared.reshard.page_map import pages_needed
 from shared.transfer_plan import TransferPlan
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def register(bench: argparse.ArgumentParser) -> None:
                                 description="Streams requests at an OpenAI-compatible server and measures TTFT, inter-token latency and throughput.")
     serve.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
     serve.add_argument("--model", required=True, help="model name to send (and tokenizer, unless --tokenizer)")
+    serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None, help="sent as Authorization: Bearer (default: env PDSERVE_API_KEY)")
     serve.add_argument("--workers", type=_positive_int, default=1, help="divisor for per-worker throughput (default 1)")
     serve.add_argument("--result-file", type=Path, help="write the result JSON here")
     serve.add_argument("--plot-dir", type=Path, help="write ttft_cdf.png and itl_over_time.png here")
@@ -176,7 +178,7 @@ def _target(args: argparse.Namespace, url: str):
     from loadtest.client import Endpoint, Target
 
     endpoint = Endpoint.CHAT if args.endpoint == "chat" else Endpoint.COMPLETIONS
-    return Target(url, args.model, endpoint, args.request_timeout, args.temperature, args.ignore_eos)
+    return Target(url, args.model, endpoint, args.request_timeout, args.temperature, args.ignore_eos, getattr(args, "api_key", None))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ class Target:
     timeout_s: float = 300.0
     temperature: float = 0.0
     ignore_eos: bool = True  # extension (vLLM, pdserve): generate exactly max_tokens
+    api_key: str | None = None  # sent as Authorization: Bearer, as OpenAI clients do
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -52,6 +53,10 @@ class Target:
     @property
     def url(self) -> str:
         return normalize_base_url(self.base_url) + self.endpoint.path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def body(self, spec: RequestSpec) -> dict:
         body = {
@@ -179,7 +184,7 @@ async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec
 
 
 async def _stream(session: aiohttp.ClientSession, target: Target, spec: RequestSpec, recorder: _Recorder) -> None:
-    async with session.post(target.url, json=target.body(spec)) as response:
+    async with session.post(target.url, json=target.body(spec), headers=target.headers) as response:
         if response.status != 200:
             text = (await response.text())[:_ERROR_BODY_CHARS]
             raise _StreamFailed(f"HTTP {response.status}: {text}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,8 +116,10 @@ def run_compare(
     for mode in comparison.modes:
         stack = comparison.stack(mode)
         print(f"bench compare: starting {mode} ({stack.layout()}) ...", file=sys.stderr, flush=True)
-        with running_stack(stack, out_dir / f"{mode}.stack.log", ready_timeout_s) as url:
-            results[mode] = asyncio.run(run_bench(make_target(url), plan, source, reporting))
+        api_key = secrets.token_urlsafe(16)  # each stack requires a key, as `pdserve up` does by default
+        with running_stack(stack, out_dir / f"{mode}.stack.log", ready_timeout_s, api_key) as url:
+            target = dataclasses.replace(make_target(url), api_key=api_key)
+            results[mode] = asyncio.run(run_bench(target, plan, source, reporting))
     table = format_table(comparison, results)
     plot = save_compare_plot(results, out_dir / "compare.png")
     document = {

@@ -17,12 +17,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import nats
 
 from services.admin.client import AdminCallError, call
+from shared.nats_auth import NatsAuth
+from shared.nats_permissions import NatsRole
 from shared.processes import children_of, free_port
+from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
 
 MODEL = "tiny-llama"
@@ -100,9 +104,9 @@ READY_LINE = re.compile(r"pdserve ready: (?P<url>http://\S+/v1) .*nats (?P<nats>
 
 
 def start_stack(*flags: str, timeout: float = 300.0) -> RunningStack:
-    """`pdserve up FLAGS` on a free port; returns once it printed its ready line."""
+    """`pdserve up FLAGS --no-api-key` on a free port; returns once it printed its ready line."""
     env = {**os.environ, "PDSERVE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "services.cli", "up", "--port", str(free_port()), *flags]
+    argv = [sys.executable, "-m", "services.cli", "up", "--port", str(free_port()), *flags, "--no-api-key"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,12 +120,20 @@ def start_stack(*flags: str, timeout: float = 300.0) -> RunningStack:
     raise TimeoutError("pdserve up did not become ready")
 
 
+def admin_nats_options(launcher_pid: int) -> dict:
+    """`nats.connect` options with the admin credentials of the local `pdserve up` with that pid."""
+    entry = next(s for s in running_stacks() if s["pid"] == launcher_pid)
+    creds = Path(entry["admin_creds"]) if entry.get("admin_creds") else None
+    return NatsAuth(creds).connect_options(Subjects(entry["prefix"]), NatsRole.ADMIN)
+
+
 class FaultStack:
     """A running `pdserve up` plus the handles a fault needs."""
 
     def __init__(self, running: RunningStack, worker_ids: list[str]):
         self.running = running
         self.worker_ids = worker_ids
+        self.nats_options = admin_nats_options(running.proc.pid)
         self._connections: dict[asyncio.AbstractEventLoop, nats.aio.client.Client] = {}
 
     @property
@@ -132,7 +144,9 @@ class FaultStack:
         """One admin connection per event loop (each test runs in its own)."""
         loop = asyncio.get_running_loop()
         if loop not in self._connections:
-            self._connections[loop] = await nats.connect(self.running.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            self._connections[loop] = await nats.connect(
+                self.running.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **self.nats_options
+            )
         return self._connections[loop]
 
     async def close(self) -> None:

@@ -51,8 +51,8 @@ class WorkerDownClock:
     def __init__(self):
         self.seen: dict[str, float] = {}
 
-    async def start(self, nats_url: str) -> None:
-        self.nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
+    async def start(self, nats_url: str, options: dict) -> None:
+        self.nc = await nats.connect(nats_url, max_reconnect_attempts=-1, **options)
 
         async def on_down(msg) -> None:
             down = protocol.decoder(WorkerDown).decode(msg.data)
@@ -122,7 +122,7 @@ async def run(rounds: int) -> Samples:
     clock = WorkerDownClock()
     samples = Samples()
     try:
-        await clock.start(running.nats_url)
+        await clock.start(running.nats_url, stack.nats_options)
         await stream(stack.base_url, greedy_body(PROMPT, 8))  # warm-up
         for index in range(rounds):
             await decode_round(stack, clock, samples)

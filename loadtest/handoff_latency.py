@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Sample:
     kv_seconds: float
 
 
-async def one_request(base_url: str, model: str, prompt_ids: list[int], output_len: int) -> Sample:
+async def one_request(base_url: str, model: str, prompt_ids: list[int], output_len: int, api_key: str) -> Sample:
     import aiohttp
     import numpy as np
 
@@ -43,7 +44,7 @@ async def one_request(base_url: str, model: str, prompt_ids: list[int], output_l
     stamps, usage = [], None
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
-        async with session.post(f"{base_url}/completions", json=body) as response:
+        async with session.post(f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}) as response:
             response.raise_for_status()
             async for raw in response.content:
                 line = raw.strip()
@@ -63,9 +64,9 @@ async def one_request(base_url: str, model: str, prompt_ids: list[int], output_l
     )
 
 
-async def measure(base_url: str, model: str, prompt_ids: list[int], output_len: int, repeats: int) -> list[Sample]:
-    await one_request(base_url, model, prompt_ids, output_len)  # warm-up: caches, UCX endpoints
-    return [await one_request(base_url, model, prompt_ids, output_len) for _ in range(repeats)]
+async def measure(base_url: str, model: str, prompt_ids: list[int], output_len: int, repeats: int, api_key: str) -> list[Sample]:
+    await one_request(base_url, model, prompt_ids, output_len, api_key)  # warm-up: caches, UCX endpoints
+    return [await one_request(base_url, model, prompt_ids, output_len, api_key) for _ in range(repeats)]
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -119,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for mode in args.modes.split(","):
         spec = StackSpec(model=args.model, mode=mode, workers=2, threads=args.threads)
-        with running_stack(spec, args.log_dir / f"latency-{mode}.log") as base_url:
-            samples = asyncio.run(measure(base_url, args.model, prompt_ids, args.output_len, args.repeats))
+        api_key = secrets.token_urlsafe(16)
+        with running_stack(spec, args.log_dir / f"latency-{mode}.log", api_key=api_key) as base_url:
+            samples = asyncio.run(measure(base_url, args.model, prompt_ids, args.output_len, args.repeats, api_key))
         results[mode] = summarize(samples)
     print(f"model {args.model}, prompt {args.input_len} tokens, {args.output_len} output tokens, {args.repeats} runs per mode (medians)")
     print(format_table(results))

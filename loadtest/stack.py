@@ -65,19 +65,24 @@ class StackSpec:
 
 
 @contextmanager
-def running_stack(spec: StackSpec, log_path: Path, ready_timeout_s: float = 600.0) -> Iterator[str]:
-    """Yields the stack's base URL (…/v1); stops the whole process group on exit."""
+def running_stack(spec: StackSpec, log_path: Path, ready_timeout_s: float = 600.0, api_key: str | None = None) -> Iterator[str]:
+    """Yields the stack's base URL (…/v1); stops the whole process group on exit.
+
+    The gateway requires `api_key` (given through the environment, so it stays out of
+    `ps` and of the log); without one it is open."""
     command = [sys.executable, "-m", "services.cli", "up", "--port", str(free_port()), *spec.up_flags()]
-    with running(command, log_path, ready_timeout_s) as url:
+    if api_key is None:
+        command.append("--no-api-key")
+    with running(command, log_path, ready_timeout_s, {"PDSERVE_API_KEY": api_key or ""}) as url:
         yield url
 
 
 @contextmanager
-def running(command: list[str], log_path: Path, ready_timeout_s: float) -> Iterator[str]:
+def running(command: list[str], log_path: Path, ready_timeout_s: float, env: dict[str, str] | None = None) -> Iterator[str]:
     """Runs `command` in a new session until it logs the ready line; yields the URL from it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         yield _wait_ready(proc, log_path, ready_timeout_s)

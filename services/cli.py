@@ -7,7 +7,14 @@ import asyncio
 import os
 import sys
 
+from services.gateway import auth as gateway_auth
+from shared import nats_auth
+
 DEFAULT_MODEL = "smollm2-135m"
+UP_CREDS_HELP = (
+    "with --nats: a directory from `pdserve nats-config` (each service uses its role's file) "
+    "or one file for all; without --nats the embedded server gets fresh credentials"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -39,6 +46,7 @@ def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> Non
         "--drain-timeout", type=_positive_float, default=30.0,
         help="on SIGTERM: seconds to finish requests in flight before ending them with an error",
     )  # fmt: skip
+    nats_auth.add_arguments(parser, creds_help=None if needs_nats else UP_CREDS_HELP)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
     up.add_argument("--migration-limit", type=_non_negative_int, default=3, help="gateway: times a request may move to other workers when one fails (0: off)")
+    gateway_auth.add_arguments(up)
+    up.add_argument("--no-api-key", action="store_true", help="serve without API keys (default: --api-key, PDSERVE_API_KEY, or a generated key)")
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler")
     _add_common(scheduler)
@@ -96,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
     gateway.add_argument("--migration-limit", type=_non_negative_int, default=3, help="times a request may move to other workers when one fails (0: off)")
+    gateway_auth.add_arguments(gateway)
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
         worker = commands.add_parser(role, help=text)
@@ -107,25 +118,43 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument("--layout", default="", help="this worker's parallel layout, e.g. tp=4,ep=4 (prefill) or dp=2,tp=2 (decode)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+        worker.add_argument(
+            "--dist-timeout", type=_positive_float, default=60.0,
+            help="seconds any rank of a multi-rank layout waits for the others (set-up, a collective) before the group is declared failed",
+        )
+        worker.add_argument(
+            "--kv-lease", type=_positive_float, default=10.0,
+            help="seconds a KV hand-off may hold memory on either side (prefill KV kept for a decoder, receives posted) before it is released",
+        )
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
     from services.admin.cli import register as register_admin
+    from services.nats_config import register as register_nats_config
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
+    register_nats_config(commands.add_parser("nats-config", help="write a nats-server config and per-role credentials for an external NATS"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _run(argv)
+        return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (still importing)
         return 130
 
 
-def _run(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (nats_auth.NatsCredentialsError, nats_auth.NatsAuthorizationError) as exc:
+        print(f"pdserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from services.launcher import run_stack
 
@@ -134,6 +163,10 @@ def _run(argv: list[str] | None) -> int:
         from loadtest.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "nats-config":
+        from services.nats_config import run as run_nats_config
+
+        return run_nats_config(args)
     if args.command == "admin":
         from services.admin.cli import run as run_admin
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import msgspec
 
 from services.scheduler.policy import Mode
+from services.stack_auth import StackAuth
 from services.supervisor import Child, Stage, StackError, Supervisor
 from shared import processes, protocol
+from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
 from shared.protocol import Heartbeat
 from shared.runtime import close_nats, connect_nats
@@ -92,8 +94,10 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-async def _wait_for_workers(nats_url: str, subjects: Subjects, worker_ids: set[str], supervisor: Supervisor, timeout: float, interrupted) -> None:
-    nc = await connect_nats(nats_url, "pd-launcher")
+async def _wait_for_workers(
+    nats_url: str, subjects: Subjects, worker_ids: set[str], supervisor: Supervisor, timeout: float, interrupted, options: dict
+) -> None:
+    nc = await connect_nats(nats_url, "pd-launcher", options=options)
     seen: set[str] = set()
     decoder = protocol.decoder(Heartbeat)
 
@@ -126,6 +130,7 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         _check_port_free(args.host, args.port)
         plan_summary = _transfer_plan_summary(args, mode)
+        auth = StackAuth.prepare(args, Subjects(args.prefix))
     except (StackError, ValueError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
@@ -139,21 +144,24 @@ def run_stack(args: argparse.Namespace) -> int:
     state_file = None
     try:
         if not args.nats:
-            nats = EmbeddedNats()
+            nats = EmbeddedNats(config=auth.server_config)
             supervisor.add(Child("nats-server", Stage.NATS, lambda: nats.start().process, captures_output=False))
         nats_url = args.nats or nats.url
         subjects = Subjects(args.prefix)
         workers = _worker_plans(mode, args)
-        for child in _service_children(args, mode, nats_url, workers):
+        for child in _service_children(args, mode, nats_url, workers, auth):
             if signals.stop_requested:
                 raise StackError("interrupted before the stack was ready")
             supervisor.add(child)
         worker_ids = {w.worker_id for w in workers}
-        asyncio.run(_wait_for_workers(nats_url, subjects, worker_ids, supervisor, READY_TIMEOUT_S, lambda: signals.stop_requested))
+        admin_options = auth.connect_options(NatsRole.ADMIN)
+        asyncio.run(_wait_for_workers(nats_url, subjects, worker_ids, supervisor, READY_TIMEOUT_S, lambda: signals.stop_requested, admin_options))
         gateway = supervisor.children[-1].proc
         processes.wait_for_port(args.host, args.port, timeout=60.0, proc=gateway, interrupted=lambda: signals.stop_requested)
         gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url)
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
+        if auth.generated_api_key:
+            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
         print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
         while not signals.stop_requested:
             supervisor.poll()
@@ -167,6 +175,7 @@ def run_stack(args: argparse.Namespace) -> int:
         supervisor.stop(args.drain_timeout, forced=lambda: signals.forced)
         if nats is not None:
             nats.stop()
+        auth.close()
     return exit_code
 
 
@@ -192,12 +201,13 @@ class _Signals:
         return self.count >= 2
 
 
-def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan]) -> list[Child]:
-    """Scheduler, workers, gateway: in start order."""
+def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan], auth: StackAuth) -> list[Child]:
+    """Scheduler, workers, gateway: in start order, each with its role's secrets in its environment."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
     common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
-    children = [_child("scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value])]
+    common += auth.nats.tls_flags()
+    children = [_child("scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value], auth.child_env(NatsRole.SCHEDULER))]
     for worker in workers:
         command = (
             base
@@ -210,16 +220,16 @@ def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, worke
             + ["--max-num-seqs", str(args.max_num_seqs)]
             + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
-        children.append(_child(f"worker {worker.worker_id}", Stage.WORKERS, command))
+        children.append(_child(f"worker {worker.worker_id}", Stage.WORKERS, command, auth.child_env(NatsRole.WORKER)))
     gateway = (
         base
         + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
         + ["--max-concurrent-requests", str(args.max_concurrent_requests), "--migration-limit", str(args.migration_limit)]
     )
-    children.append(_child("gateway", Stage.GATEWAY, gateway))
+    children.append(_child("gateway", Stage.GATEWAY, gateway, auth.child_env(NatsRole.GATEWAY)))
     return children
 
 
-def _child(name: str, stage: Stage, command: list[str]) -> Child:
-    launch: Callable[[], subprocess.Popen] = lambda: processes.spawn(command, stderr=subprocess.PIPE)
+def _child(name: str, stage: Stage, command: list[str], env: dict[str, str]) -> Child:
+    launch: Callable[[], subprocess.Popen] = lambda: processes.spawn(command, env=env, stderr=subprocess.PIPE)
     return Child(name, stage, launch)

@@ -21,12 +21,16 @@ def nats_server_binary() -> Path:
 
 
 class EmbeddedNats:
-    """Starts nats-server on a free loopback port; stops it on exit."""
+    """Starts nats-server on a free loopback port; stops it on exit.
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, jetstream: bool = False):
+    `config`: a nats-server config file (users and permissions: shared/nats_credentials.py);
+    the host and port given here win over any `listen` in it."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, jetstream: bool = False, config: Path | None = None):
         self.host = host
         self.port = port or processes.free_port(host)
         self.jetstream = jetstream
+        self.config = config
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -35,6 +39,8 @@ class EmbeddedNats:
 
     def start(self) -> "EmbeddedNats":
         argv = [str(nats_server_binary()), "-a", self.host, "-p", str(self.port)]
+        if self.config is not None:
+            argv += ["-c", str(self.config)]
         if self.jetstream:
             argv.append("-js")
         self._proc = processes.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

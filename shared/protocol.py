@@ -78,7 +78,8 @@ class PlaceRequest(_Msg):
     model: str
     num_prompt_tokens: int
     max_tokens: int
-    avoid_workers: list[str] = []  # a migration's re-placement: workers that just failed this request
+    exclude: list[str] = []  # workers not to place on (a decoder that just failed a hand-off)
+    decode_only: bool = False  # a prefill worker asks for another decoder for KV it already holds
 
 
 class Placement(_Msg, tag=1):
@@ -149,10 +150,17 @@ class SessionOffer(_Msg):
     segments: list[KvSegment]
 
 
-class SessionAccepted(_Msg, tag=1):
-    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
+class RankAddress(_Msg):
+    """Where one rank of a worker instance receives KV (its own UCX listener)."""
+
+    rank: int
     host: str
     port: int
+
+
+class SessionAccepted(_Msg, tag=1):
+    spec: WireKvSpec  # the decoder's, so the prefill side checks compatibility too
+    addresses: list[RankAddress]  # every rank of the decoder; each prefill rank sends to the ranks it has pairs with
 
 
 class SessionRefused(_Msg, tag=2):
@@ -204,10 +212,8 @@ class TokenEvent(_Msg):
     error: str | None = None
     kv_transfer: TransferStats | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
-    error_code: ErrorCode | None = None  # with ERROR: UNAVAILABLE (503, the gateway may migrate), 429, 400; else 500
-    # Set by the prefill worker when the request's decode moved to another worker than the
-    # placement's (a hand-off retried on another decoder): the gateway then accepts its events.
-    decode_worker: str = ""
+    error_code: ErrorCode | None = None  # with an error: UNAVAILABLE means "try elsewhere", not a bug
+    decode_worker: str = ""  # set by the prefill worker when the request continues on another decoder than placed
 
 
 class Heartbeat(_Msg):

@@ -11,19 +11,27 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoServersError
 
+from shared.nats_auth import NatsAuthorizationError
+
 log = structlog.get_logger()
 
 FIRST_CONNECT_TIMEOUT_S = 30.0
 
 
-async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST_CONNECT_TIMEOUT_S) -> NatsClient:
+async def connect_nats(
+    url: str, name: str, first_connect_timeout: float = FIRST_CONNECT_TIMEOUT_S, options: dict | None = None
+) -> NatsClient:
     """Connects, retrying for a while so a service started before nats-server waits for it.
 
     Once connected, the client reconnects forever: a NATS restart must not end a worker.
+    `options` (credentials, TLS: shared/nats_auth.py) go to `nats.connect` as they are; a
+    server that refuses them ends the first connect at once instead of retrying forever.
     """
     deadline = time.monotonic() + first_connect_timeout
 
     async def on_error(exc: Exception) -> None:
+        if not client and "authorization violation" in str(exc).lower():
+            raise NatsAuthorizationError(f"NATS at {url} refused this client's credentials (see --nats-creds)")
         log.warning("nats_error", error=repr(exc))
 
     client: list[NatsClient] = []
@@ -43,6 +51,7 @@ async def connect_nats(url: str, name: str, first_connect_timeout: float = FIRST
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
+                **(options or {}),
             )
             client.append(nc)
             return nc

@@ -1,4 +1,8 @@
-"""Where a running `pdserve up` leaves its NATS URL, so `pdserve admin` finds it without --nats."""
+"""Where a running `pdserve up` leaves its NATS URL, so `pdserve admin` finds it without --nats.
+
+An entry holds the path of the stack's admin credentials (a 0600 file in the stack's
+private directory), never a secret itself; entries are 0600 in a 0700 directory anyway.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from shared.nats_credentials import write_private
 from shared.processes import alive
 
 
@@ -14,11 +19,14 @@ def state_dir() -> Path:
     return Path(base) / "stacks"
 
 
-def record_stack(pid: int, nats_url: str, prefix: str, gateway_url: str) -> Path:
+def record_stack(pid: int, nats_url: str, prefix: str, gateway_url: str, admin_creds: Path | None = None) -> Path:
     directory = state_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{pid}.json"
-    path.write_text(json.dumps({"pid": pid, "nats_url": nats_url, "prefix": prefix, "gateway_url": gateway_url}))
+    entry = {"pid": pid, "nats_url": nats_url, "prefix": prefix, "gateway_url": gateway_url}
+    if admin_creds is not None:
+        entry["admin_creds"] = str(Path(admin_creds).resolve())  # `pdserve admin` may run elsewhere
+    write_private(path, json.dumps(entry))
     return path
 
 

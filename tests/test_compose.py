@@ -74,3 +74,27 @@ def test_every_service_command_parses():
     for name, service in load("docker-compose.yml")["services"].items():
         if name != "nats":
             parser.parse_args(service["command"])
+
+
+def test_compose_is_secured_like_pdserve_up():
+    """nats admits only the users of `pdserve nats-config`'s files; each service gets exactly
+    its role's credentials as a Docker secret; the gateway cannot start without an API key."""
+    from shared.nats_credentials import CredentialsDir
+    from shared.nats_permissions import NatsRole
+
+    document = load("docker-compose.yml")
+    written = CredentialsDir(Path("nats-auth"))  # what `pdserve nats-config --out compose/nats-auth` writes
+    assert document["configs"]["nats-server"]["file"] == f"./{written.server_config_path}"
+    nats = document["services"]["nats"]
+    config_target = nats["configs"][0]["target"]
+    assert nats["command"][-2:] == ["-c", config_target] and nats["configs"][0]["source"] == "nats-server"
+    roles = {"scheduler": NatsRole.SCHEDULER, "gateway": NatsRole.GATEWAY, "prefill": NatsRole.WORKER, "decode": NatsRole.WORKER}
+    for name, role in roles.items():
+        service = document["services"][name]
+        (secret,) = service["secrets"]
+        assert document["secrets"][secret]["file"] == f"./{written.creds_file(role)}"
+        assert service["environment"]["PDSERVE_NATS_CREDS"] == f"/run/secrets/{secret}"
+        assert service["environment"]["UCX_TLS"]  # the shared environment is kept
+    assert document["services"]["gateway"]["environment"]["PDSERVE_API_KEY"].startswith("${PDSERVE_API_KEY:?")
+    ignored = (COMPOSE.parent / ".gitignore").read_text().splitlines() + (COMPOSE.parent / ".dockerignore").read_text().splitlines()
+    assert ignored.count("compose/nats-auth/") == 2  # secrets stay out of git and of images

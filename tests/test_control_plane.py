@@ -62,7 +62,7 @@ async def test_status_lists_every_service_and_each_answers_ping(stack):
     assert all("status" in s for s in report["services"])
     assert {w["worker_id"] for w in report["workers"]} == {"prefill-0", "decode-0", "decode-1"}
 
-    nc = await nats.connect(stack.nats_url)
+    nc = await nats.connect(stack.nats_url, **stack.admin_nats_options())  # NATS of `pdserve up` admits no anonymous client
     replies = []
 
     async def collect(msg):

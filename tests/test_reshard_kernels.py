@@ -13,18 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.reshard_reference import (
-    gather_pair_buffers,
-    pair_buffers_to_shards,
-    read_dense,
-    reference_reshard,
-    reference_shards,
-    scatter_pair_buffers,
-    slice_pair_buffers,
-    write_dense,
-)
+from kernels.reshard_reference import read_dense, reference_reshard, reference_shards, write_dense
 from kernels.reshard_triton import scatter_pair_buffers_triton
 from shared.kv_spec import KvSpec
+from shared.reshard.gather import gather_pair_buffers, slice_pair_buffers
+from shared.reshard.scatter import pair_buffers_to_shards, scatter_pair_buffers
 from shared.layouts import DecoderLayout, PrefillLayout, valid_ep, valid_tp
 from shared.transfer_plan import plan_transfer
 

@@ -1,4 +1,11 @@
-"""The session API: push/pull round trips, refusals before any byte moves, one message per rank pair."""
+"""The session API: push/pull round trips across rank groups, refusals before any byte moves,
+one message per rank pair, every rank sending and receiving only its own shard.
+
+The ranks of each side run in this process (`InProcessGroup`), each with its own
+transport; the wire is a fake that matches messages by tag, so the tests see exactly which
+rank sent what to which address. The same protocol over real processes and real UCX is
+exercised by the end-to-end layout tests.
+"""
 
 import asyncio
 import dataclasses
@@ -14,13 +21,20 @@ from shared.kv_spec import IncompatibleKvError, KvSpec
 from shared.layouts import DecoderLayout, LayoutError, PrefillLayout, valid_tp
 from shared.protocol import TransferStats
 from shared.session import (
+    ExportedKv,
+    InProcessGroup,
     KvSessionEngine,
     KvTransferError,
     LoopbackAnnouncer,
     PagedKv,
+    RankTransfer,
     SessionOffer,
     UcxKvTransport,
+    layout_to_wire,
+    spec_to_wire,
+    wire_segments,
 )
+from shared.session.rank_plan import RankShard
 from shared.transfer_plan import plan_transfer
 from shared.transport.ucx_kv import KvReceiver, KvSender
 
@@ -39,47 +53,85 @@ class FakeWire:
 
 
 class RecordingTransport:
-    """An in-memory `KvTransport` that records every call; `mangle` may damage what is sent."""
+    """One rank's in-memory `KvTransport`, recording every call; `mangle` may damage what is sent."""
 
-    def __init__(self, wire: FakeWire, mangle=None):
+    def __init__(self, wire: FakeWire, address: tuple[str, int], mangle=None):
         self.wire = wire
+        self._address = address
         self.mangle = mangle or (lambda index, data: data)
         self.sends: list[tuple[tuple[str, int], list]] = []
         self.receives: list[list] = []
+        self._sent = 0
 
     def address(self) -> tuple[str, int]:
-        return ("fake-host", 1234)
+        return self._address
 
     async def send(self, peer, segments, buffers):
         self.sends.append((peer, list(segments)))
         index = 0
         async for buffer in buffers:
             data = buffer.reshape(-1).view(torch.uint8).clone()
-            self.wire.slot(segments[index].tag).set_result(self.mangle(index, data))
+            self.wire.slot(segments[index].tag).set_result(self.mangle(self._sent, data))
             index += 1
+            self._sent += 1
         assert index == len(segments)
         return TransferStats(sum(s.nbytes for s in segments), 0.0, len(segments))
 
     async def receive(self, segments, timeout):
         self.receives.append(list(segments))
         async with asyncio.timeout(timeout):
-            buffers = [await self.wire.slot(segment.tag) for segment in segments]
+            buffers = [await asyncio.shield(self.wire.slot(segment.tag)) for segment in segments]
         return buffers, TransferStats(sum(b.numel() for b in buffers), 0.0, len(buffers))
+
+
+class Side:
+    """One worker instance: a session engine over an in-process group of ranks with recording transports."""
+
+    def __init__(self, spec, layout, wire, port_base, mangle=None, **engine_options):
+        self.spec, self.layout = spec, layout
+        self.transports = [RecordingTransport(wire, ("fake-host", port_base + r), mangle) for r in range(layout.world)]
+        self.ranks = [RankTransfer(r, t) for r, t in enumerate(self.transports)]
+        self.sessions = KvSessionEngine(spec, layout, InProcessGroup(self.ranks), LoopbackAnnouncer(), **engine_options)
+
+    def local_spec(self, rank):
+        return RankShard.of(self.layout, rank, self.spec).local_spec(self.spec, self.layout.tp)
+
+    def hold_shards(self, session_id, kv, paged=False):
+        """Each rank holds its own shard of `kv`, exported or in a paged cache of its own."""
+        for rank, shard in reference_shards(kv, self.layout, self.spec, 0).items():
+            if paged:
+                spec = self.local_spec(rank)
+                pages = -(-kv.shape[2] // spec.page_size)
+                key, value = sentinel_cache(spec, pages + 1)
+                table = list(range(pages + 1))[::-1][:pages]
+                reference_reshard(shard, spec, key, value, table)
+                self.ranks[rank].hold(session_id, PagedKv(key, value, table, kv.shape[2]))
+            else:
+                self.ranks[rank].hold(session_id, shard.contiguous())
 
     @property
     def num_messages(self) -> int:
-        return sum(len(segments) for _, segments in self.sends)
+        return sum(len(segments) for t in self.transports for _, segments in t.sends)
+
+    @property
+    def sends(self):
+        return [send for t in self.transports for send in t.sends]
+
+    @property
+    def receives(self):
+        return [r for t in self.transports for r in t.receives if r]
+
+    @property
+    def sessions_held(self) -> int:
+        return sum(rank.num_sessions for rank in self.ranks)
 
 
-def make_pair(src_spec, src_layout, dst_spec, dst_layout, *, mangle=None, receive_timeout=5.0, allow_dtype_cast=True):
-    wire, announcer = FakeWire(), LoopbackAnnouncer()
-    prefill = KvSessionEngine(src_spec, src_layout, RecordingTransport(wire, mangle), announcer)
-    decoder = KvSessionEngine(
-        dst_spec, dst_layout, RecordingTransport(wire), announcer,
-        receive_timeout=receive_timeout, allow_dtype_cast=allow_dtype_cast,
-    )
-    announcer.register("decoder-0", decoder)
-    return prefill, decoder, announcer
+def make_pair(src_spec, src_layout, dst_spec, dst_layout, *, mangle=None, lease_s=5.0, allow_dtype_cast=True):
+    wire = FakeWire()
+    prefill = Side(src_spec, src_layout, wire, 1000, mangle)
+    decoder = Side(dst_spec, dst_layout, wire, 2000, lease_s=lease_s, allow_dtype_cast=allow_dtype_cast)
+    prefill.sessions.announcer.register("decoder-0", decoder.sessions)
+    return prefill, decoder, prefill.sessions.announcer
 
 
 def random_kv(spec, num_tokens, seed=0):
@@ -93,30 +145,53 @@ def sentinel_cache(spec, num_blocks):
     return key, key.clone()
 
 
+def assert_ranks_hold(decoder, pulled, kv, dp_group):
+    """Each decoder rank received exactly its shard (the oracle's), the other DP groups nothing."""
+    oracle = reference_shards(kv, decoder.layout, decoder.spec, dp_group)
+    for rank in decoder.ranks:
+        received = rank.inbox[pulled.session_id]
+        if rank.rank in oracle:
+            assert torch.equal(received.shard(), oracle[rank.rank]), f"rank {rank.rank}"
+        else:
+            assert received.buffers == [], f"rank {rank.rank} is outside DP group {dp_group}"
+
+
+def scatter_and_check(decoder, pulled, kv, dp_group, table):
+    """Every rank scatters into its own paged cache; each equals the oracle's shard written token by token."""
+    caches = {}
+    for rank in decoder.ranks:
+        spec = decoder.local_spec(rank.rank)
+        caches[rank.rank] = sentinel_cache(spec, max(table) + 1)
+        rank.cache = lambda pair=caches[rank.rank]: pair
+    pulled.write_into(table)
+    for rank, shard in reference_shards(kv, decoder.layout, decoder.spec, dp_group).items():
+        spec = decoder.local_spec(rank)
+        want_key, want_value = sentinel_cache(spec, max(table) + 1)
+        reference_reshard(shard, spec, want_key, want_value, table)
+        got_key, got_value = caches[rank]
+        assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value), f"rank {rank}"
+
+
 async def test_tp4_to_dp2_tp2_round_trip_with_one_message_per_rank_pair():
     dst_spec = dataclasses.replace(SPEC, page_size=3, memory_layout="HND", dtype=torch.bfloat16)
     prefill, decoder, _ = make_pair(SPEC, PrefillLayout(tp=4), dst_spec, DecoderLayout(dp=2, tp=2))
     kv = random_kv(SPEC, 11)
-    session = prefill.create_session(session_id="req-1", layout=PrefillLayout(tp=4))
-    sent = await session.push(kv, target_layout=DecoderLayout(dp=2, tp=2), dst_dp_group=1)
-    pulled = await decoder.pull("req-1")
+    prefill.hold_shards("req-1", kv)
+    session = prefill.sessions.create_session(session_id="req-1", layout=PrefillLayout(tp=4))
+    sent = await session.push(ExportedKv(11), target_layout=DecoderLayout(dp=2, tp=2), dst_dp_group=1)
+    pulled = await decoder.sessions.pull("req-1")
 
     plan = plan_transfer(PrefillLayout(tp=4), DecoderLayout(dp=2, tp=2), SPEC, dst_spec, 1)
     assert len(plan.pairs) == 4
-    assert prefill.transport.num_messages == len(plan.pairs) == sent.num_messages == pulled.stats.num_messages
-    assert len(prefill.transport.sends) == 1 and prefill.transport.sends[0][0] == ("fake-host", 1234)
+    assert prefill.num_messages == len(plan.pairs) == sent.num_messages == pulled.stats.num_messages
+    # rank to rank: each prefill rank sent its one pair straight to the decoder rank holding its heads
+    routes = sorted((seg.src_rank, peer) for peer, segments in prefill.sends for seg in segments)
+    assert routes == [(pair.src_rank, ("fake-host", 2000 + pair.dst_rank)) for pair in plan.pairs]
+    assert all(len(t.sends) == 1 for t in prefill.transports)
     assert sent.nbytes == plan.nbytes(11)
-
-    got_key, got_value = sentinel_cache(dst_spec, 6)
-    want_key, want_value = sentinel_cache(dst_spec, 6)
-    table = [5, 0, 3, 1]
-    pulled.write_into(got_key, got_value, table)
-    reference_reshard(kv, dst_spec, want_key, want_value, table)
-    assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value)
-    assert torch.equal(pulled.dense(), kv.to(torch.bfloat16))
-    oracle = reference_shards(kv, DecoderLayout(dp=2, tp=2), dst_spec, 1)
-    assert {r: s.shape for r, s in pulled.shards().items()} == {r: s.shape for r, s in oracle.items()}
-    assert all(torch.equal(pulled.shards()[r], oracle[r]) for r in oracle)
+    assert_ranks_hold(decoder, pulled, kv.to(torch.bfloat16), 1)
+    scatter_and_check(decoder, pulled, kv, 1, [5, 0, 3, 1])
+    assert prefill.sessions_held == 0 and decoder.sessions_held == 0
 
 
 @st.composite
@@ -144,26 +219,16 @@ def test_pull_of_push_equals_the_reference_reshard(case):
     async def run():
         prefill, decoder, _ = make_pair(src_spec, src, dst_spec, dst)
         kv = random_kv(src_spec, num_tokens, seed=num_tokens)
-        if paged:  # push straight from the prefill's paged cache
-            pages = -(-num_tokens // src_spec.page_size)
-            key, value = sentinel_cache(src_spec, pages + 1)
-            table = list(range(pages + 1))[::-1][:pages]
-            reference_reshard(kv, src_spec, key, value, table)
-            payload = PagedKv(key, value, table, num_tokens)
-        else:
-            payload = kv
-        await prefill.create_session("s", layout=src).push(payload, target_layout=dst, dst_dp_group=group)
-        return kv, await decoder.pull("s"), prefill.transport.num_messages
+        prefill.hold_shards("s", kv, paged=paged)  # paged: each rank pushes straight from its own pages
+        await prefill.sessions.create_session("s", layout=src).push(ExportedKv(num_tokens), target_layout=dst, dst_dp_group=group)
+        return prefill, decoder, kv, await decoder.sessions.pull("s")
 
-    kv, pulled, messages = asyncio.run(run())
-    assert messages == len(pulled.plan.pairs)
+    prefill, decoder, kv, pulled = asyncio.run(run())
+    assert prefill.num_messages == len(pulled.plan.pairs)
+    assert_ranks_hold(decoder, pulled, kv, group)
     blocks = -(-num_tokens // dst_spec.page_size) + 2
-    table = random.Random(num_tokens).sample(range(blocks), blocks - 2)
-    got_key, got_value = sentinel_cache(dst_spec, blocks)
-    want_key, want_value = sentinel_cache(dst_spec, blocks)
-    pulled.write_into(got_key, got_value, table)
-    reference_reshard(kv, dst_spec, want_key, want_value, table)
-    assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value)
+    scatter_and_check(decoder, pulled, kv, group, random.Random(num_tokens).sample(range(blocks), blocks - 2))
+    assert prefill.sessions_held == 0 and decoder.sessions_held == 0
 
 
 MISMATCHES = {
@@ -178,133 +243,166 @@ MISMATCHES = {
 @pytest.mark.parametrize("field", MISMATCHES)
 async def test_mismatched_decoder_is_refused_before_any_byte_moves(field):
     prefill, decoder, announcer = make_pair(SPEC, PrefillLayout(tp=2), MISMATCHES[field], DecoderLayout(tp=2))
+    prefill.hold_shards("req-x", random_kv(SPEC, 5))
     with pytest.raises(IncompatibleKvError) as caught:
-        await prefill.create_session("req-x", layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 5), target_layout=DecoderLayout(tp=2))
+        await prefill.sessions.create_session("req-x", layout=PrefillLayout(tp=2)).push(ExportedKv(5), target_layout=DecoderLayout(tp=2))
     assert caught.value.field == field
-    assert prefill.transport.sends == [] and decoder.transport.receives == []
+    assert prefill.sends == [] and decoder.receives == []
     assert len(announcer.offers) == 1  # only the small offer travelled
-    assert decoder._incoming == {}  # nothing staged for the refused session
+    assert decoder.sessions.num_incoming == 0 and decoder.sessions_held == 0  # nothing staged for the refused session
+    assert [list(r.outbox) for r in prefill.ranks] == [["req-x"]] * 2  # the prefill ranks keep their KV for another decoder ...
+    prefill.sessions.cancel("req-x")
+    assert prefill.sessions_held == 0  # ... until the caller gives up
 
 
 async def test_dtype_change_is_refused_when_casting_is_disabled():
     half = dataclasses.replace(SPEC, dtype=torch.float16)
     prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), half, DecoderLayout(), allow_dtype_cast=False)
     with pytest.raises(IncompatibleKvError) as caught:
-        await prefill.create_session("req-d").push(random_kv(SPEC, 3), target_layout=DecoderLayout())
+        await prefill.sessions.create_session("req-d").push(random_kv(SPEC, 3), target_layout=DecoderLayout())
     assert caught.value.field == "dtype" and "float32" in str(caught.value) and "float16" in str(caught.value)
-    assert prefill.transport.sends == [] and decoder.transport.receives == []
+    assert prefill.sends == [] and decoder.receives == []
 
 
 async def test_impossible_target_layout_is_refused_before_the_offer():
     prefill, _, announcer = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(tp=4))
     with pytest.raises(IncompatibleKvError) as caught:
-        await prefill.create_session("req-l").push(random_kv(SPEC, 3), target_layout=DecoderLayout(tp=3))
+        await prefill.sessions.create_session("req-l").push(random_kv(SPEC, 3), target_layout=DecoderLayout(tp=3))
     assert caught.value.field == "target_layout" and "Valid tp: 1, 2, 4, 8" in str(caught.value)
-    assert announcer.offers == [] and prefill.transport.sends == []
+    assert announcer.offers == [] and prefill.sends == []
     with pytest.raises(LayoutError):
-        prefill.create_session("req-bad", layout=PrefillLayout(tp=3))
+        prefill.sessions.create_session("req-bad", layout=PrefillLayout(tp=3))
+
+
+async def test_a_larger_group_takes_no_kv_in_push():
+    prefill, _, announcer = make_pair(SPEC, PrefillLayout(tp=2), SPEC, DecoderLayout())
+    with pytest.raises(ValueError, match="one-rank group"):
+        await prefill.sessions.create_session("req-k", layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 3), target_layout=DecoderLayout())
+    assert announcer.offers == []
 
 
 async def test_decoder_refuses_a_session_for_another_layout():
     prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(tp=4))
-    pulling = asyncio.create_task(decoder.pull("req-w"))  # a pull already waiting hears the refusal too
+    pulling = asyncio.create_task(decoder.sessions.pull("req-w"))  # a pull already waiting hears the refusal too
     await asyncio.sleep(0)
     with pytest.raises(IncompatibleKvError) as pushed:
-        await prefill.create_session("req-w").push(random_kv(SPEC, 3), target_layout=DecoderLayout(tp=2))
+        await prefill.sessions.create_session("req-w").push(random_kv(SPEC, 3), target_layout=DecoderLayout(tp=2))
     with pytest.raises(IncompatibleKvError) as pulled:
         await pulling
     assert pushed.value.field == pulled.value.field == "target_layout"
     assert "this decoder runs DecoderLayout(dp=1, ep=1, tp=4, pp=1)" in str(pushed.value)
-    assert prefill.transport.sends == []
+    assert prefill.sends == []
 
 
 async def test_tampered_segments_are_refused():
     _, decoder, announcer = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout())
     prefill_plan = plan_transfer(PrefillLayout(), DecoderLayout(), SPEC, SPEC)
-    from shared.session import layout_to_wire, spec_to_wire, wire_segments
-
     segments = wire_segments(prefill_plan, "req-t", 4)
     segments[0].nbytes += 1
     offer = SessionOffer("req-t", spec_to_wire(SPEC), layout_to_wire(PrefillLayout()), layout_to_wire(DecoderLayout()), 0, 4, segments)
     reply = await announcer.offer(offer, "decoder-0")
     assert reply.field == "segments"
-    assert decoder.transport.receives == []
+    assert decoder.receives == []
 
 
 async def test_partial_transfer_writes_nothing():
     truncate_second = lambda index, data: data[:-1] if index == 1 else data  # noqa: E731
-    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(tp=2), SPEC, DecoderLayout(tp=4), mangle=truncate_second)
-    await prefill.create_session("req-p", layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 6), target_layout=DecoderLayout(tp=4))
+    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(tp=4), mangle=truncate_second)
+    await prefill.sessions.create_session("req-p").push(random_kv(SPEC, 6), target_layout=DecoderLayout(tp=4))
     with pytest.raises(KvTransferError) as caught:
-        await decoder.pull("req-p")
-    assert "expected" in str(caught.value)
-    assert decoder._incoming == {}
+        await decoder.sessions.pull("req-p")
+    assert "expected" in str(caught.value) and "received" in str(caught.value)
+    assert decoder.sessions.num_incoming == 0 and decoder.sessions_held == 0  # every rank let go, the intact ones too
 
 
-async def test_missing_bytes_time_out_and_write_nothing():
-    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(), receive_timeout=0.2)
-    original_send = prefill.transport.send
+async def test_missing_bytes_expire_with_the_lease_and_write_nothing():
+    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(tp=2), lease_s=0.2)
+    for transport in prefill.transports:
+        async def drop_everything(peer, segments, buffers):
+            return TransferStats(0, 0.0, 0)
 
-    async def drop_everything(peer, segments, buffers):
-        return TransferStats(0, 0.0, 0)
-
-    prefill.transport.send = drop_everything
-    await prefill.create_session("req-lost").push(random_kv(SPEC, 2), target_layout=DecoderLayout())
-    prefill.transport.send = original_send
+        transport.send = drop_everything
+    await prefill.sessions.create_session("req-lost").push(random_kv(SPEC, 2), target_layout=DecoderLayout(tp=2))
     with pytest.raises(KvTransferError) as caught:
-        await decoder.pull("req-lost")
-    assert "KV did not arrive within 0.2 s" in str(caught.value)
-    assert decoder._incoming == {}
+        await decoder.sessions.pull("req-lost")
+    assert "did not arrive" in str(caught.value) and "within 0.2 s" in str(caught.value)
+    assert decoder.sessions.num_incoming == 0 and decoder.sessions_held == 0
 
 
-async def test_push_over_real_ucx_tp4_to_dp2_tp2():
-    receiver = KvReceiver()
-    await receiver.start()
-    sender = KvSender()
-    announcer = LoopbackAnnouncer()
+async def test_a_push_cannot_outlive_its_lease_even_when_retried():
+    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(tp=2), SPEC, DecoderLayout(), lease_s=5.0)
+    prefill.sessions.lease_s = 0.2
+
+    async def never_answers(offer, decoder_name):
+        await asyncio.sleep(30)
+
+    prefill.sessions.announcer.offer = never_answers
+    prefill.hold_shards("req-slow", random_kv(SPEC, 4))
+    started = asyncio.get_running_loop().time()
+    for _ in range(2):  # a retry under the same id shares the first attempt's lease
+        with pytest.raises(KvTransferError, match="lease"):
+            await prefill.sessions.create_session("req-slow", layout=PrefillLayout(tp=2)).push(ExportedKv(4), target_layout=DecoderLayout())
+    assert asyncio.get_running_loop().time() - started < 1.0
+    prefill.sessions.cancel("req-slow")
+    assert prefill.sessions_held == 0
+
+
+async def test_push_over_real_ucx_tp2_to_dp2_tp2_rank_to_rank():
+    """Each rank its own UCX listener and endpoints: prefill rank r's bytes go straight to the decoder ranks of its heads."""
     dst_layout = DecoderLayout(dp=2, tp=2)
     dst_spec = dataclasses.replace(SPEC, page_size=8, memory_layout="HND")
-    prefill = KvSessionEngine(SPEC, PrefillLayout(tp=4), UcxKvTransport(sender=sender), announcer)
-    decoder = KvSessionEngine(dst_spec, dst_layout, UcxKvTransport(receiver=receiver), announcer, receive_timeout=30)
+    receivers = [KvReceiver() for _ in range(dst_layout.world)]
+    senders = [KvSender() for _ in range(2)]
+    for receiver in receivers:
+        await receiver.start()
+    announcer = LoopbackAnnouncer()
+    prefill_ranks = [RankTransfer(r, UcxKvTransport(senders[r], KvReceiver())) for r in range(2)]
+    decoder_ranks = [RankTransfer(r, UcxKvTransport(KvSender(), receivers[r])) for r in range(dst_layout.world)]
+    prefill = KvSessionEngine(SPEC, PrefillLayout(tp=2), InProcessGroup(prefill_ranks), announcer)
+    decoder = KvSessionEngine(dst_spec, dst_layout, InProcessGroup(decoder_ranks), announcer, lease_s=30)
     announcer.register("decoder-0", decoder)
+    kv = random_kv(SPEC, 37, seed=3)
     try:
-        kv = random_kv(SPEC, 37, seed=3)
-        pages = -(-37 // SPEC.page_size)
-        key, value = sentinel_cache(SPEC, pages)
-        reference_reshard(kv, SPEC, key, value, list(range(pages)))
-        session = prefill.create_session(session_id="req-ucx", layout=PrefillLayout(tp=4))
+        for rank, shard in reference_shards(kv, PrefillLayout(tp=2), SPEC).items():
+            prefill_ranks[rank].hold("req-ucx", shard.contiguous())
+        session = prefill.create_session(session_id="req-ucx", layout=PrefillLayout(tp=2))
         pulling = asyncio.create_task(decoder.pull("req-ucx"))
-        sent = await session.push(PagedKv(key, value, list(range(pages)), 37), target_layout=dst_layout, dst_dp_group=0)
+        sent = await session.push(ExportedKv(37), target_layout=dst_layout, dst_dp_group=1)
         pulled = await pulling
     finally:
-        await sender.close()
-        await receiver.close()
-    assert sent.num_messages == pulled.stats.num_messages == len(pulled.plan.pairs) == 4
-    assert torch.equal(read_dense(key, value, SPEC, list(range(pages)), 37), kv)
-    got_key, got_value = sentinel_cache(dst_spec, 6)
-    want_key, want_value = sentinel_cache(dst_spec, 6)
-    pulled.write_into(got_key, got_value, [4, 1, 5, 0, 2])
-    reference_reshard(kv, dst_spec, want_key, want_value, [4, 1, 5, 0, 2])
-    assert torch.equal(got_key, want_key) and torch.equal(got_value, want_value)
+        for sender in senders:
+            await sender.close()
+        for receiver in receivers:
+            await receiver.close()
+    assert sent.num_messages == pulled.stats.num_messages == len(pulled.plan.pairs) == 2
+    assert [r.bytes_sent for r in prefill_ranks] == [pulled.plan.pair_nbytes(p, 37) for p in pulled.plan.pairs]
+    assert [r.bytes_received for r in decoder_ranks] == [0, 0] + [pulled.plan.pair_nbytes(p, 37) for p in pulled.plan.pairs]
+    oracle = reference_shards(kv, dst_layout, dst_spec, 1)
+    assert all(torch.equal(decoder_ranks[r].inbox["req-ucx"].shard(), oracle[r]) for r in oracle)
 
 
 async def test_pushes_gather_into_reused_staging_and_send_whole_slabs_in_place():
-    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(tp=2), SPEC, DecoderLayout())
+    prefill, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(tp=2))
+    staging = prefill.ranks[0].staging
     for session_id in ("req-a", "req-b"):  # the second push reuses the first one's staging buffers
-        await prefill.create_session(session_id, layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 9), target_layout=DecoderLayout())
-        idle = prefill.staging.idle_bytes
-        assert torch.equal((await decoder.pull(session_id)).dense(), random_kv(SPEC, 9))
-    assert idle == 2 << 20 and len(prefill.staging._idle) == 2  # two head-sliced pairs, two pooled buffers
+        await prefill.sessions.create_session(session_id).push(random_kv(SPEC, 9), target_layout=DecoderLayout(tp=2))
+        idle = staging.idle_bytes
+        pulled = await decoder.sessions.pull(session_id)
+        assert_ranks_hold(decoder, pulled, random_kv(SPEC, 9), 0)
+        decoder.sessions.cancel(session_id)
+    assert idle == 2 << 20 and len(staging._idle) == 2  # two head-sliced pairs, two pooled buffers
 
-    # pp=3 -> pp=1: each pair is every head of a run of layers, one contiguous slab of the KV
-    slabs, decoder, _ = make_pair(SPEC, PrefillLayout(pp=3), SPEC, DecoderLayout())
-    await slabs.create_session("req-c", layout=PrefillLayout(pp=3)).push(random_kv(SPEC, 9), target_layout=DecoderLayout())
-    assert slabs.staging.idle_bytes == 0 and slabs.transport.num_messages == 3
-    assert torch.equal((await decoder.pull("req-c")).dense(), random_kv(SPEC, 9))
+    # tp=1 -> pp=3: each pair is every head of a run of layers, one contiguous slab of the KV
+    slabs, decoder, _ = make_pair(SPEC, PrefillLayout(), SPEC, DecoderLayout(pp=3))
+    await slabs.sessions.create_session("req-c").push(random_kv(SPEC, 9), target_layout=DecoderLayout(pp=3))
+    assert slabs.ranks[0].staging.idle_bytes == 0 and slabs.num_messages == 3
+    assert_ranks_hold(decoder, await decoder.sessions.pull("req-c"), random_kv(SPEC, 9), 0)
 
 
 async def test_a_refused_push_gives_its_staging_back():
-    prefill, _, _ = make_pair(SPEC, PrefillLayout(tp=2), MISMATCHES["head_dim"], DecoderLayout(tp=2))
+    prefill, _, _ = make_pair(SPEC, PrefillLayout(), MISMATCHES["head_dim"], DecoderLayout(tp=2))
     with pytest.raises(IncompatibleKvError):
-        await prefill.create_session("req-r", layout=PrefillLayout(tp=2)).push(random_kv(SPEC, 5), target_layout=DecoderLayout(tp=2))
-    assert prefill.staging._lent == {}
+        await prefill.sessions.create_session("req-r").push(random_kv(SPEC, 5), target_layout=DecoderLayout(tp=2))
+    prefill.sessions.cancel("req-r")
+    await asyncio.sleep(0.05)  # the prepared gather's thread finishes, then its staging goes back
+    assert prefill.ranks[0].staging._lent == {} and prefill.sessions_held == 0

@@ -8,6 +8,7 @@ import nats
 import openai
 import pytest
 
+from shared.nats_server import EmbeddedNats
 from tests.stack import start_stack, stop_stack_group
 
 pytestmark = pytest.mark.slow
@@ -18,9 +19,12 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about 
 
 @pytest.fixture(scope="module")
 def stack():
-    running = start_stack("--model", MODEL)
-    yield running
-    assert stop_stack_group(running.proc), "pdserve up left processes behind"
+    # An open nats-server of our own (`--nats URL`): the wiretap test below reads every
+    # subject, which no user of `pdserve up`'s secured embedded server may.
+    with EmbeddedNats() as server:
+        running = start_stack("--model", MODEL, "--nats", server.url)
+        yield running
+        assert stop_stack_group(running.proc), "pdserve up left processes behind"
 
 
 async def post(url: str, body, raw: bool = False) -> tuple[int, dict | str, dict]:

@@ -1,17 +1,23 @@
 """`pdserve admin status|drain|policy|loglevel|cancel`: operate a running deployment over NATS.
 
-Without --nats, the NATS server of a `pdserve up` running on this machine is used.
+Without --nats, the NATS server of a `pdserve up` running on this machine is used, with
+that stack's admin credentials; so is a --nats URL that belongs to such a stack, unless
+--nats-creds says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from services.admin.client import AdminCallError, call, discover
+from shared import nats_auth
 from shared.log import configure_logging
+from shared.nats_permissions import NatsRole
 from shared.runtime import close_nats, connect_nats
 from shared.stack_registry import running_stacks
 from shared.subjects import Subjects
@@ -25,6 +31,7 @@ def register(admin: argparse.ArgumentParser) -> None:
         parser.add_argument("--nats", metavar="URL", help="NATS URL (default: the one of a running `pdserve up`)")
         parser.add_argument("--prefix", default=None, help="NATS subject prefix (default: pd)")
         parser.add_argument("--json", action="store_true", help="print JSON")
+        nats_auth.add_arguments(parser, creds_help="admin credentials (default: those of the local `pdserve up` this URL belongs to)")
         return parser
 
     command("status", "workers, loads, KV use, sessions in flight, every service")
@@ -41,13 +48,15 @@ def register(admin: argparse.ArgumentParser) -> None:
     cancel.add_argument("request_id")
 
 
-def _target(args: argparse.Namespace) -> tuple[str, str]:
-    if args.nats:
-        return args.nats, args.prefix or "pd"
+def _target(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """(NATS URL, prefix, admin credentials file or None)."""
     stacks = running_stacks()
+    if args.nats:
+        local = next((s for s in stacks if s["nats_url"] == args.nats), {})
+        return args.nats, args.prefix or local.get("prefix", "pd"), args.nats_creds or local.get("admin_creds")
     if not stacks:
         raise SystemExit("pdserve admin: no running `pdserve up` found on this machine; pass --nats URL")
-    return stacks[0]["nats_url"], args.prefix or stacks[0]["prefix"]
+    return stacks[0]["nats_url"], args.prefix or stacks[0]["prefix"], args.nats_creds or stacks[0].get("admin_creds")
 
 
 def _settings(pairs: list[str]) -> dict:
@@ -91,9 +100,11 @@ def _print_status(report: dict) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     configure_logging("admin", "warning")
-    url, prefix = _target(args)
+    url, prefix, creds = _target(args)
     subjects = Subjects(prefix)
-    nc = await connect_nats(url, "pd-admin", first_connect_timeout=3.0)
+    auth = dataclasses.replace(nats_auth.NatsAuth.from_args(args), creds=Path(creds) if creds else None)
+    options = auth.connect_options(subjects, NatsRole.ADMIN)
+    nc = await connect_nats(url, "pd-admin", first_connect_timeout=3.0, options=options)
     try:
         services = await discover(nc, prefix)
         by_kind = lambda kind: [s["metadata"]["instance"] for s in services if s["metadata"]["kind"] == kind]  # noqa: E731

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from services.gateway.auth import OPEN_PATHS, ApiKeys
 from services.gateway.completion import Completion
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.json_body import MAX_BODY_BYTES, read_json
 from services.gateway.logprobs import LogprobFormatter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.stop_strings import StopStrings
@@ -23,7 +25,6 @@ from services.gateway.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
-    parse_body,
 )
 from shared.engine.tokenizer import ChatTokenizer
 from shared.protocol import FinishReason, Sampling
@@ -34,6 +35,7 @@ PATH_HEADER = "x-pdserve-path"
 
 
 RETRY_AFTER_S = 1
+MAX_WIRE_INT = 2**63 - 1  # msgspec carries signed 64-bit ints; a bigger one could not be sent on
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,22 @@ class GatewayLimits:
     max_model_len: int
     default_max_tokens: int = 256
     max_concurrent_requests: int = 256
+    vocab_size: int | None = None  # token ids a client sends must lie below it
+
+
+def check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
+    """Refuses ids the model has no embedding for, before any worker sees them."""
+    if vocab_size is None:
+        return
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise RequestError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
 
 
 def _error_response(error: RequestError) -> web.Response:
-    # 503 (unavailable: no worker, draining) and 429 (busy) are both worth retrying soon.
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None  # busy or unavailable: try again
+    if error.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error.body(), status=error.status, headers=headers)
 
 
@@ -59,11 +72,31 @@ async def openai_errors(request: web.Request, handler):
         if exc.status < 400:
             raise
         return _error_response(RequestError(exc.status, exc.reason or "error"))
+    except ConnectionResetError:
+        raise  # the client went away mid-response: there is no one to answer
+    except Exception:  # a bug must still answer in JSON, and be logged
+        log.exception("request_failed", path=request.path)
+        return _error_response(RequestError(500, "internal error while handling the request"))
+
+
+def api_key_middleware(keys: ApiKeys):
+    @web.middleware
+    async def require_api_key(request: web.Request, handler):
+        if request.path not in OPEN_PATHS:
+            refusal = keys.refusal(request.headers.get("Authorization"))
+            if refusal is not None:
+                raise RequestError(401, refusal, code="invalid_api_key")
+        return await handler(request)
+
+    return require_api_key
 
 
 class Gateway:
-    def __init__(self, model_name: str, tokenizer: ChatTokenizer, dispatcher: Dispatcher, limits: GatewayLimits):
+    def __init__(
+        self, model_name: str, tokenizer: ChatTokenizer, dispatcher: Dispatcher, limits: GatewayLimits, api_keys: ApiKeys = ApiKeys([])
+    ):
         self.model_name = model_name
+        self.api_keys = api_keys
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.limits = limits
@@ -74,7 +107,8 @@ class Gateway:
         self.logprob_formatter = LogprobFormatter(tokenizer)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors])
+        auth = [api_key_middleware(self.api_keys)] if self.api_keys.required else []
+        app = web.Application(middlewares=[openai_errors, *auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -99,7 +133,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": [card]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse_body(await request.read(), ChatCompletionRequest)
+        body = await read_json(request, ChatCompletionRequest)
         if not body.messages:
             raise RequestError(400, "messages must not be empty", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -107,7 +141,9 @@ class Gateway:
         return await self._generate(request, body, prompt_ids, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = parse_body(await request.read(), CompletionRequest)
+        body = await read_json(request, CompletionRequest)
+        if isinstance(body.prompt, list):
+            check_token_ids(body.prompt, self.limits.vocab_size, "prompt")
         prompt_ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt)
         if not prompt_ids:
             raise RequestError(400, "prompt must not be empty", param="prompt")
@@ -134,6 +170,11 @@ class Gateway:
             raise RequestError(400, "top_p must be in (0, 1]", param="top_p")
         if body.top_k < 0:
             raise RequestError(400, "top_k must be >= 0", param="top_k")
+        if body.top_k > MAX_WIRE_INT:
+            raise RequestError(400, f"top_k must be at most {MAX_WIRE_INT}", param="top_k")
+        if body.seed is not None and not 0 <= body.seed <= MAX_WIRE_INT:
+            raise RequestError(400, f"seed must be between 0 and {MAX_WIRE_INT}", param="seed")
+        check_token_ids(body.stop_token_ids, self.limits.vocab_size, "stop_token_ids")
         return Sampling(
             max_tokens=max_tokens,
             temperature=body.temperature,

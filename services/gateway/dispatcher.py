@@ -260,7 +260,10 @@ class _FlightRun:
         log.warning("request_migrating", attempt=old.request_id, reason=why, forwarded=len(self.flight.generated))
         await self._unsubscribe()
         await self.dispatcher.cancel(old.request_id, old.placement)
-        await self.launch()
+        try:
+            await self.launch()
+        except RequestError as error:  # nowhere to go: say why it had to move, and why it could not
+            raise RequestError(error.status, f"{why}; no other worker could take it over: {error.message}") from None
         new = self.flight.attempt.placement
         log.info("request_migrated", attempt=new.request_id, prefill=new.prefill_worker, decode=new.decode_worker)
 

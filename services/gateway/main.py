@@ -8,12 +8,15 @@ import uuid
 from aiohttp import web
 
 from services.gateway.app import Gateway, GatewayLimits
+from services.gateway.auth import ApiKeys, configured_keys
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.shutdown import drain
 from shared.admin import AdminError, start_admin
 from shared.engine.loader import load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
+from shared.nats_auth import connect_options_for
+from shared.nats_permissions import NatsRole
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.shutdown import bounded
 from shared.subjects import Subjects
@@ -34,9 +37,13 @@ def admin_handlers(gateway: Gateway, instance_id: str, url: str) -> dict:
 
 async def run(args: argparse.Namespace) -> int:
     log = configure_logging("gateway", args.log_level)
+    try:
+        api_keys = ApiKeys(configured_keys(args.api_key))
+    except ValueError as exc:
+        raise SystemExit(f"pdserve gateway: {exc}") from None
     tokenizer = load_tokenizer(args.model)
     config = load_model_config(args.model)
-    nc = await connect_nats(args.nats, "pd-gateway")
+    nc = await connect_nats(args.nats, "pd-gateway", options=connect_options_for(args, NatsRole.GATEWAY))
     subjects = Subjects(args.prefix)
     dispatcher = Dispatcher(nc, subjects, stall_timeout_s=args.stall_timeout, migration_limit=args.migration_limit)
     await dispatcher.start()
@@ -44,8 +51,9 @@ async def run(args: argparse.Namespace) -> int:
         max_model_len=config.max_position_embeddings,
         default_max_tokens=args.default_max_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
+        vocab_size=config.vocab_size,
     )
-    gateway = Gateway(args.model, tokenizer, dispatcher, limits)
+    gateway = Gateway(args.model, tokenizer, dispatcher, limits, api_keys)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # cancels the request on the workers (see Dispatcher).
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
@@ -57,7 +65,8 @@ async def run(args: argparse.Namespace) -> int:
     admin = await start_admin(nc, subjects, "gateway", instance_id, admin_handlers(gateway, instance_id, url))
     # Until here a signal ends the process at once (nothing to drain yet); from now on it drains.
     stop = stop_event_on_signals()
-    log.info("gateway_started", url=url, model=args.model, instance=instance_id)
+    auth = "api key required" if api_keys.required else "open: no --api-key or PDSERVE_API_KEY, anyone who reaches the port may use it"
+    log.info("gateway_started", url=url, model=args.model, instance=instance_id, auth=auth)
     await stop.wait()
     log.info("gateway_stopping")
     await drain(gateway, args.drain_timeout)

@@ -143,7 +143,7 @@ class Flight:
 
     def place_request(self) -> PlaceRequest:
         remaining = self.sampling.max_tokens - len(self.generated)
-        return PlaceRequest(self.next_request_id, self.model, len(self.prompt_ids) + len(self.generated), remaining, sorted(self.avoid))
+        return PlaceRequest(self.next_request_id, self.model, len(self.prompt_ids) + len(self.generated), remaining, exclude=sorted(self.avoid))
 
     def job(self, placement: Placement, stream_subject: str) -> PrefillJob:
         """The next attempt's job: the prompt so far continues from the next token."""

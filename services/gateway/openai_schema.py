@@ -13,12 +13,12 @@ class ContentPart(msgspec.Struct):
 
 class ChatMessage(msgspec.Struct):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart]  # null is refused: without tool calls a message needs text
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content if part.type == "text")
-        return self.content or ""
+        return self.content
 
 
 class StreamOptions(msgspec.Struct):
@@ -90,19 +90,19 @@ def _check_top(value: int, param: str) -> None:
 class RequestError(Exception):
     """Becomes an OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.kind = kind or _KIND_BY_STATUS.get(status, "server_error")
+        self.kind = kind or _KIND_BY_STATUS.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+        self.code = code  # OpenAI's machine-readable code (e.g. invalid_api_key); else the status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code or self.status}}
 
 
 _KIND_BY_STATUS = {
-    400: "invalid_request_error",
     404: "not_found_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -110,9 +110,20 @@ _KIND_BY_STATUS = {
 
 
 def parse_body(raw: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
+    """Decodes a JSON body into `kind`; anything wrong with it is a 400 naming where."""
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise RequestError(400, f"invalid request: {exc}") from None
+        raise RequestError(400, f"invalid request: {exc}", param=_error_path(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise RequestError(400, f"malformed JSON body: {exc}") from None
+    except UnicodeDecodeError:
+        raise RequestError(400, "the body is not valid UTF-8") from None
+    except RecursionError:  # the depth check (json_body.py) normally refuses these first
+        raise RequestError(400, "the JSON body is nested too deeply") from None
+
+
+def _error_path(message: str) -> str | None:
+    """`... - at `$.messages[0].content`` -> `messages[0].content` (OpenAI's `param`)."""
+    _, found, path = message.rpartition(" - at `$")
+    return path.rstrip("`").lstrip(".") or None if found else None

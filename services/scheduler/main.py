@@ -8,6 +8,8 @@ import uuid
 from services.scheduler.policy import Mode, Policy
 from services.scheduler.service import SchedulerService
 from shared.log import configure_logging
+from shared.nats_auth import connect_options_for
+from shared.nats_permissions import NatsRole
 from shared.runtime import close_nats, connect_nats, stop_event_on_signals
 from shared.shutdown import bounded
 from shared.subjects import Subjects
@@ -19,7 +21,7 @@ async def run(args: argparse.Namespace) -> int:
         policy = Policy(mode=Mode.parse(args.mode))
     except ValueError as exc:
         raise SystemExit(f"pdserve scheduler: --mode: {exc}") from None
-    nc = await connect_nats(args.nats, "pd-scheduler")
+    nc = await connect_nats(args.nats, "pd-scheduler", options=connect_options_for(args, NatsRole.SCHEDULER))
     instance_id = f"scheduler-{uuid.uuid4().hex[:8]}"
     service = SchedulerService(nc, Subjects(args.prefix), policy, instance_id)
     await service.start()

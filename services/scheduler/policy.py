@@ -136,13 +136,15 @@ def estimate_ttft(request: PlaceRequest, prefill: WorkerLoad, decode: WorkerLoad
 
 
 def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) -> Placement | ServiceError:
-    avoided = set(request.avoid_workers)
-    serving = [w for w in workers if w.beat.model == request.model and not w.beat.draining and w.worker_id not in avoided]
+    excluded = set(request.exclude)
+    serving = [w for w in workers if w.beat.model == request.model and not w.beat.draining and w.worker_id not in excluded]
     if not serving:
-        return _unavailable(f"no live worker serves model {request.model!r}")
+        return _unavailable(f"no live worker serves model {request.model!r}" + (f" besides {sorted(excluded)}" if excluded else ""))
     open_workers = [w for w in serving if w.waiting < policy.max_waiting_per_worker]
     if not open_workers:
         return _busy("every worker's queue is full")
+    if request.decode_only:
+        return _another_decoder(request, open_workers, serving)
     if policy.mode is Mode.COLOCATED:
         both = [w for w in open_workers if w.beat.role is Role.BOTH]
         if not both:
@@ -167,6 +169,15 @@ def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) 
     prefill = _least_loaded_prefill(prefills)
     path = Path.COLOCATED if prefill.worker_id == decode.worker_id else Path.DISAGG
     return _placement(request, path, prefill, decode)
+
+
+def _another_decoder(request: PlaceRequest, open_workers: Sequence[WorkerLoad], serving: Sequence[WorkerLoad]) -> Placement | ServiceError:
+    """A decoder for KV a prefill worker already holds (its first choice failed the hand-off)."""
+    decodes = [w for w in open_workers if w.beat.role in (Role.DECODE, Role.BOTH)]
+    if not decodes:
+        return _unavailable_or_busy(serving, Role.DECODE, "no other live decode worker")
+    decode = _least_loaded_decode(decodes)
+    return Placement(request.request_id, Path.DISAGG, "", decode.worker_id, decode.beat.layout, _decode_dp_group(decode))
 
 
 def _unavailable_or_busy(serving: Sequence[WorkerLoad], role: Role, message: str) -> ServiceError:

@@ -27,6 +27,9 @@ StepObserver = Callable[[int, float], None]  # (prompt tokens the step ran, its 
 # Queued work whose pages are held elsewhere (a finished request not freed yet, a hand-off
 # being placed) cannot start; with nothing running, look again after this long.
 IDLE_POLL_S = 0.02
+# While idle, the engine tells its other ranks it is alive this often (their waits for the
+# next step are bounded by the group's timeout, which must stay well above this).
+KEEPALIVE_S = 1.0
 
 
 class EngineLoop:
@@ -51,7 +54,15 @@ class EngineLoop:
 
     async def _step_forever(self) -> None:
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                try:
+                    await self.call(self.engine.keepalive)
+                except Exception as exc:  # the group broke: every request here must end
+                    log.error("engine_keepalive_failed", error=repr(exc))
+                    await self._on_failure([], f"rank group failed: {exc!r}")
+                continue
             self._wake.clear()
             while self.engine.has_unfinished:
                 started = time.perf_counter()
@@ -61,8 +72,9 @@ class EngineLoop:
                     log.exception("engine_step_failed", requests=len(exc.request_ids))
                     await self._on_failure(exc.request_ids, str(exc))
                     continue
-                except Exception:  # a bug outside the forward pass: keep serving, do not spin on it
+                except Exception as exc:  # a bug outside the forward pass: keep serving, do not spin on it
                     log.exception("engine_step_crashed")
+                    await self._on_failure([], f"engine step crashed: {exc!r}")
                     await asyncio.sleep(IDLE_POLL_S)
                     continue
                 self._on_step(self.engine.last_step_prompt_tokens, time.perf_counter() - started)

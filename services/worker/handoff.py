@@ -1,7 +1,6 @@
-"""The session API wired to NATS and UCX: how workers push and pull KV (shared/session.py).
+"""The session API wired to NATS: a session's offer travels inside the request's DecodeJob.
 
-The prefill side's announcer carries a session's offer inside a DecodeJob to the chosen
-decoder; the decoder answers with its spec and UCX address (or a refusal naming the
+The decoder answers with its spec and every rank's UCX address (or a refusal naming the
 field) before any byte moves.
 """
 
@@ -17,9 +16,7 @@ from shared.engine.loader import LoadedModel
 from shared.kv_spec import KvSpec, spec_of_model
 from shared.layouts import Layout, PrefillLayout, parse_layout
 from shared.protocol import DecodeJob, HandoffReply, OfferReply, Role, Sampling, ServiceError, SessionOffer, SessionRefused
-from shared.session import KvSessionEngine, UcxKvTransport
 from shared.subjects import Subjects
-from shared.transport.ucx_kv import KvReceiver, KvSender
 
 HANDOFF_REQUEST_TIMEOUT_S = 5.0
 _handoff_reply = protocol.decoder(HandoffReply)
@@ -38,53 +35,30 @@ def outgoing_layout(role: Role, layout: Layout) -> PrefillLayout:
     return PrefillLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep)
 
 
-@dataclass
-class PendingDecode:
-    """What the decoder needs besides the KV: the request's identity and where tokens go."""
+@dataclass(frozen=True)
+class DecodeJobOffer:
+    """Announces one request's session to its decoder as that request's DecodeJob (NATS request/reply)."""
 
-    decode_worker: str
+    nc: NatsClient
+    subjects: Subjects
     num_prompt_tokens: int
     first_token: int
     sampling: Sampling
     stream_subject: str
 
-
-class NatsAnnouncer:
-    """Delivers a session offer to its decoder as part of the request's DecodeJob."""
-
-    def __init__(self, nc: NatsClient, subjects: Subjects):
-        self.nc = nc
-        self.subjects = subjects
-        self.pending: dict[str, PendingDecode] = {}
-
     async def offer(self, offer: SessionOffer, decoder: str | None) -> OfferReply:
-        pending = self.pending.pop(offer.session_id)
-        job = DecodeJob(offer.session_id, pending.num_prompt_tokens, pending.first_token, pending.sampling, pending.stream_subject, offer)
+        if decoder is None:
+            return SessionRefused("decoder", "a DecodeJob names its decoder")
+        job = DecodeJob(offer.session_id, self.num_prompt_tokens, self.first_token, self.sampling, self.stream_subject, offer)
         try:
-            reply = await self.nc.request(
-                self.subjects.worker_decode(pending.decode_worker), protocol.encode(job), timeout=HANDOFF_REQUEST_TIMEOUT_S
-            )
+            reply = await self.nc.request(self.subjects.worker_decode(decoder), protocol.encode(job), timeout=HANDOFF_REQUEST_TIMEOUT_S)
             answer = _handoff_reply.decode(reply.data)
         except Exception as exc:  # no responder, timeout, undecodable reply
-            return SessionRefused("decoder", f"decoder {pending.decode_worker} unreachable: {exc!r}")
+            return SessionRefused("decoder", f"decoder {decoder} unreachable: {exc!r}")
         if isinstance(answer, ServiceError):
-            return SessionRefused("decoder", answer.message)
+            return SessionRefused("decoder", f"decoder {decoder} refused: {answer.message}")
         return answer
-
-
-def session_engine(
-    nc: NatsClient, subjects: Subjects, spec: KvSpec, layout: Layout, sender: KvSender, receiver: KvReceiver
-) -> tuple[KvSessionEngine, NatsAnnouncer]:
-    announcer = NatsAnnouncer(nc, subjects)
-    # Strict dtypes: a hand-off between workers of different KV dtypes is refused by name
-    # (the re-shard kernels can cast, but silently changing precision is the operator's call).
-    sessions = KvSessionEngine(
-        spec, layout, UcxKvTransport(sender=sender, receiver=receiver), announcer, allow_dtype_cast=False
-    )
-    return sessions, announcer
 
 
 def parse_worker_layout(role: Role, text: str) -> Layout:
     return parse_layout(text, "prefill" if role is Role.PREFILL else "decode")
-
-

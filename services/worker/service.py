@@ -1,7 +1,8 @@
 """A worker process: engine + NATS control + UCX data, for role prefill, decode or both.
 
-Admin endpoints: `status`, `drain` (stop taking work, finish what is in flight, exit),
-`cancel`, `loglevel`.
+Every request on the worker is one entry of its request table (services/worker/requests.py);
+every end goes through `release`. Admin endpoints: `status`, `requests` (the table),
+`drain` (stop taking work, finish what is in flight, exit), `cancel`, `loglevel`.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from services.prefill.handler import PrefillHandler
 from services.scheduler.registry import HEARTBEAT_INTERVAL_S
 from services.worker.context import WorkerContext, finish_reason, token_logprobs
 from services.worker.engine_loop import EngineLoop
-from services.worker.handoff import kv_spec_of, parse_worker_layout, session_engine
+from services.worker.handoff import kv_spec_of, parse_worker_layout
 from services.worker.metrics import WorkerMetrics
+from services.worker.requests import CANCELLED, DONE, Ending, Phase, RequestTable, WorkerRequest
 from services.worker.streams import TokenStreams
 from shared import protocol
 from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
 from shared.layouts import Layout
-from shared.protocol import CancelRequest, FinishReason, Heartbeat, Role
+from shared.protocol import CancelRequest, ErrorCode, Heartbeat, Role
+from shared.session import KvSessionEngine, RankGroup
 from shared.subjects import Subjects
-from shared.transport.ucx_kv import KvReceiver, KvSender
 
 log = structlog.get_logger()
 
@@ -47,18 +49,23 @@ class WorkerService:
         role: Role,
         model: LoadedModel,
         engine: Engine,
+        group: RankGroup,
+        warm_up: Callable[[str, int], object],
         layout: Layout | None = None,
-        ucx_host: str = "127.0.0.1",
         max_waiting: int = 64,
         metrics_port: int = 0,
+        kv_lease_s: float = 10.0,
         on_drained: Callable[[], None] = lambda: None,
+        on_group_failure: Callable[[str], None] = lambda reason: None,
+        ranks: list | None = None,
     ):
-        self.ucx_host = ucx_host
         self.metrics_port = metrics_port
-        self.receiver = KvReceiver(ucx_host)
-        self.sender = KvSender()
+        self.group = group
+        self._warm_up = warm_up  # opens a UCX endpoint to a decoder ahead of its first hand-off
         layout = layout if layout is not None else parse_worker_layout(role, "")
-        sessions, announcer = session_engine(nc, subjects, kv_spec_of(model, engine), layout, self.sender, self.receiver)
+        # Strict dtypes: a hand-off between workers of different KV dtypes is refused by name
+        # (the re-shard kernels can cast, but silently changing precision is the operator's call).
+        sessions = KvSessionEngine(kv_spec_of(model, engine), layout, group, lease_s=kv_lease_s, allow_dtype_cast=False)
         self.ctx = WorkerContext(
             nc=nc,
             subjects=subjects,
@@ -67,17 +74,20 @@ class WorkerService:
             model=model,
             engine_loop=EngineLoop(engine, self._on_tokens, self._on_step_failure, self._on_step),
             streams=TokenStreams(nc, worker_id),
-            kv_dtype=engine.kv_dtype,
             metrics=WorkerMetrics(worker_id, role.label),
             max_waiting=max_waiting,
             layout=layout,
             sessions=sessions,
-            announcer=announcer,
+            requests=RequestTable(self._cleanup),
         )
         # Every role takes prefill jobs: a decode worker prefills for itself when the
         # scheduler decides a hand-off does not pay (auto mode).
-        self.prefill = PrefillHandler(self.ctx)
+        self.prefill = PrefillHandler(self.ctx, self.release)
+        self.decode = DecodeHandler(self.ctx, self.release)
         self._on_drained = on_drained
+        self._on_group_failure = on_group_failure
+        self.ranks = ranks or []  # RankInfo of every rank (admin status)
+        self.group_failure: str | None = None
         self._subscriptions = []
         self._tasks: list[asyncio.Task] = []
         self._admin = None
@@ -90,13 +100,11 @@ class WorkerService:
 
     async def start(self) -> None:
         ctx = self.ctx
-        await self.receiver.start()
         ctx.engine_loop.start()
         subjects = ctx.subjects
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_prefill(ctx.worker_id), cb=self.prefill.on_job))
         if ctx.role in (Role.DECODE, Role.BOTH):
-            decode = DecodeHandler(ctx)
-            self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=decode.on_job))
+            self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_decode(ctx.worker_id), cb=self.decode.on_job))
         self._subscriptions.append(await ctx.nc.subscribe(subjects.worker_cancel(ctx.worker_id), cb=self._on_cancel))
         if ctx.role in (Role.PREFILL, Role.BOTH):
             self._subscriptions.append(await ctx.nc.subscribe(subjects.all_heartbeats, cb=self._warm_up_decoder))
@@ -105,13 +113,13 @@ class WorkerService:
             subjects,
             "worker",
             ctx.worker_id,
-            {"status": self._status, "drain": self._drain, "cancel": self._admin_cancel},
+            {"status": self._status, "requests": self._requests, "drain": self._drain, "cancel": self._admin_cancel},
         )
         if self.metrics_port:
             ctx.metrics.serve(self.metrics_port)
         await self._beat()  # be placeable at once, not one interval later
         self._tasks.append(asyncio.create_task(self._beat_forever(), name="heartbeat"))
-        log.info("worker_started", worker_id=ctx.worker_id, role=ctx.role.label, model=ctx.model.name, ucx_port=self.receiver.port)
+        log.info("worker_started", worker_id=ctx.worker_id, role=ctx.role.label, model=ctx.model.name, ranks=self.group.world)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -121,50 +129,100 @@ class WorkerService:
         for sub in self._subscriptions:
             await sub.unsubscribe()
         await self.ctx.engine_loop.stop()
-        await self.sender.close()
-        await self.receiver.close()
+
+    # -- the one release path ----------------------------------------------------------------
+
+    async def release(self, request_id: str, ending: Ending) -> bool:
+        return await self.ctx.requests.release(request_id, ending)
+
+    async def _cleanup(self, request: WorkerRequest, ending: Ending) -> None:
+        """Gives back what a released request held: KV on every rank, engine pages, and tells the client."""
+        ctx = self.ctx
+        self.prefill.forget(request.request_id)
+        if self.group_failure is None:  # a broken group takes everything with it
+            ctx.sessions.cancel(request.request_id)
+            await ctx.engine_loop.call(self.engine.abort, request.request_id)
+        if ending.reason is not None:
+            await ctx.streams.publish_end(request.stream_subject, request.request_id, ending)
+        log.debug("released", request_id=request.request_id, ending=ending.reason.label if ending.reason else "done")
+
+    # -- engine outputs ----------------------------------------------------------------------
 
     async def _on_tokens(self, outputs: list[TokenOutput]) -> None:
         metrics = self.ctx.metrics
         metrics.labels(metrics.generated_tokens).inc(len(outputs))
-        finished = []
         for out in outputs:
-            if await self.prefill.on_first_token(out):
-                continue  # a hand-off's first token: published, its KV on its way
+            request = self.ctx.requests.get(out.request_id)
+            if request is None:  # released while its step ran: whatever it still holds goes
+                self.ctx.sessions.cancel(out.request_id)
+                await self.ctx.engine_loop.call(self.engine.free, out.request_id)
+                continue
+            if request.phase in (Phase.QUEUED, Phase.PREFILLING):
+                await self.prefill.on_first_token(request, out)
+                continue
             reason = finish_reason(out.finish_reason)
-            await self.ctx.streams.publish(out.request_id, [out.token_id], reason, logprobs=token_logprobs(out))
+            await self.ctx.streams.publish(request, [out.token_id], reason, token_logprobs(out))
             if reason is not None:
-                finished.append(out.request_id)
-        if finished:
-            await self.ctx.engine_loop.call(self._free_all, finished)
-
-    def _free_all(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.engine.free(request_id)
+                await self.release(out.request_id, DONE)
 
     async def _on_step_failure(self, request_ids: list[str], error: str) -> None:
-        for request_id in request_ids:
-            if not await self.prefill.fail(request_id, error):
-                await self.ctx.streams.publish(request_id, [], FinishReason.ERROR, error=error)
+        if self.group.world > 1:  # the ranks no longer agree on what ran: the group cannot go on
+            await self.group_failed(error)
+            return
+        for request_id in request_ids:  # the engine already released their pages
+            await self.release(request_id, Ending.failed(error))
+
+    async def group_failed(self, reason: str) -> None:
+        """A rank died or a collective failed: stop being placeable, end every request (their gateways
+        retry them elsewhere), and have the process exit so the whole group restarts."""
+        if self.group_failure is not None:
+            return
+        self.group_failure = reason
+        log.error("rank_group_failed", reason=reason, requests=len(self.ctx.requests))
+        self.ctx.draining = True
+        for task in self._tasks:
+            if task.get_name() == "heartbeat":
+                task.cancel()  # the scheduler forgets this worker within its TTL
+        error = f"worker {self.ctx.worker_id} failed: {reason}"
+        for request in self.ctx.requests:
+            await self.release(request.request_id, Ending.failed(error, ErrorCode.UNAVAILABLE))
+        self._on_group_failure(reason)
 
     def _on_step(self, prompt_tokens: int, seconds: float) -> None:
-        metrics = self.ctx.metrics
+        ctx = self.ctx
+        for request_id in self.engine.last_step_started:
+            ctx.requests.move(request_id, Phase.PREFILLING)
+        metrics = ctx.metrics
         metrics.labels(metrics.step_seconds).observe(seconds)
         if prompt_tokens:
-            self.ctx.rates.observe_prefill(prompt_tokens, seconds)
+            ctx.rates.observe_prefill(prompt_tokens, seconds)
             metrics.labels(metrics.prefill_tokens).inc(prompt_tokens)
             metrics.labels(metrics.step_prompt_tokens).observe(prompt_tokens)
 
+    # -- cancellation ------------------------------------------------------------------------
+
     async def cancel(self, request_id: str) -> bool:
         """Stops the request wherever it is on this worker; True if it held it."""
-        held = request_id in self.ctx.streams or request_id in self.ctx.prefills or self.engine.holds(request_id)
-        self.ctx.streams.close(request_id)
-        self.ctx.cancelled.add(request_id)
-        self.ctx.take_prefill(request_id)
-        self.ctx.sessions.cancel(request_id)  # drops staged receives of a hand-off in flight
-        await self.ctx.engine_loop.call(self.engine.abort, request_id)
+        self.ctx.cancelled.add(request_id)  # its job may still be on its way here
+        held = await self.release(request_id, CANCELLED)
         log.info("cancelled", request_id=request_id, held=held)
         return held
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            request_id = _cancel_decoder.decode(msg.data).request_id
+        except msgspec.DecodeError:
+            log.warning("malformed_cancel")
+            return
+        await self.cancel(request_id)
+
+    async def _admin_cancel(self, body: dict) -> dict:
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str):
+            raise AdminError(400, '"request_id" (a string) is required')
+        return {"request_id": request_id, "held": await self.cancel(request_id)}
+
+    # -- hand-off warm-up --------------------------------------------------------------------
 
     async def _warm_up_decoder(self, msg) -> None:
         """Connects to each decoder once when it first appears, so no request pays for it."""
@@ -181,24 +239,12 @@ class WorkerService:
 
     async def _connect_quietly(self, host: str, port: int) -> None:
         try:
-            await self.sender.connect(host, port)
+            await self._warm_up(host, port)
         except Exception as exc:  # the hand-off itself will retry and report
             self._warmed.discard((host, port))
             log.warning("ucx_warm_up_failed", peer=f"{host}:{port}", error=repr(exc))
 
-    async def _on_cancel(self, msg) -> None:
-        try:
-            request_id = _cancel_decoder.decode(msg.data).request_id
-        except msgspec.DecodeError:
-            log.warning("malformed_cancel")
-            return
-        await self.cancel(request_id)
-
-    async def _admin_cancel(self, body: dict) -> dict:
-        request_id = body.get("request_id")
-        if not isinstance(request_id, str):
-            raise AdminError(400, '"request_id" (a string) is required')
-        return {"request_id": request_id, "held": await self.cancel(request_id)}
+    # -- admin -------------------------------------------------------------------------------
 
     async def _status(self, _: dict) -> dict:
         beat = self.heartbeat()
@@ -207,52 +253,105 @@ class WorkerService:
             "kind": "worker",
             "role": beat.role.label,
             "model": beat.model,
+            "layout": beat.layout,
             "running": beat.running,
             "waiting": beat.waiting,
-            "sessions_in_flight": self.engine.num_sequences,
+            "requests": len(self.ctx.requests),
+            "sessions_in_flight": self.ctx.requests.count(Phase.HANDING_OFF, Phase.AWAITING_KV),
             "kv_blocks_used": beat.total_kv_blocks - beat.free_kv_blocks,
             "kv_blocks_total": beat.total_kv_blocks,
             "draining": beat.draining,
+            "ended": dict(self.ctx.requests.ended),
             "metrics_port": self.metrics_port,
+            "ranks": self._rank_rows(beat),
         }
 
-    async def _drain(self, _: dict) -> dict:
-        await self.drain()
-        return {"instance": self.ctx.worker_id, "draining": True}
+    def _rank_rows(self, beat: Heartbeat) -> list[dict]:
+        """Every rank of this worker: where it runs and what it holds and moved (its KV pages are the leader's
+        block tables: every rank holds the same blocks, of its own layers and heads)."""
+        totals = getattr(self.group, "board", None)
+        rows = []
+        for info in self.ranks:
+            if info.rank == 0:
+                sent, received = self._local_totals()
+            else:
+                sent, received = totals.totals.get(info.rank, (0, 0)) if totals is not None else (0, 0)
+            rows.append({
+                "rank": info.rank, "pid": info.pid, "host": info.host, "device": info.device,
+                "ucx": f"{info.ucx_host}:{info.ucx_port}",
+                "kv_blocks_used": beat.total_kv_blocks - beat.free_kv_blocks,
+                "ucx_bytes_sent": sent, "ucx_bytes_received": received,
+            })
+        return rows
 
-    async def drain(self) -> None:
-        """Stops taking work; `on_drained` is called once everything in flight is done."""
+    def _local_totals(self) -> tuple[int, int]:
+        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        return local.bytes_sent, local.bytes_received
+
+    async def _requests(self, _: dict) -> dict:
+        """The request table: what each in-flight request is doing here and what it holds."""
+        scheduler = self.engine.scheduler
+        rows = []
+        for request in self.ctx.requests:
+            seq = scheduler.admitted.get(request.request_id)
+            rows.append({
+                "request_id": request.request_id,
+                "phase": request.phase.label,
+                "path": request.path.label,
+                "prompt_tokens": request.num_prompt_tokens,
+                "generated_tokens": request.num_generated,
+                "age_s": round(request.age_s, 3),
+                "kv_blocks": len(seq.block_table) if seq is not None else 0,
+            })
+        return {"instance": self.ctx.worker_id, "ranks": self.group.world, "requests": rows}
+
+    async def _drain(self, _: dict) -> dict:
         if not self.ctx.draining:
             self.ctx.draining = True
             await self._beat()  # leave placement now, not at the next beat
             self._tasks.append(asyncio.create_task(self._finish_then_exit(), name="drain"))
-            log.info("draining")
+            log.info("draining", requests=len(self.ctx.requests))
+        return {"instance": self.ctx.worker_id, "draining": True, "requests": len(self.ctx.requests)}
+
+    async def drain_now(self, timeout: float) -> None:
+        """Stops taking work, waits up to `timeout` for in-flight requests, ends the rest with an error event."""
+        self.ctx.draining = True
+        await self._beat()
+        deadline = time.monotonic() + timeout
+        while len(self.ctx.requests) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for request in self.ctx.requests:
+            await self.release(request.request_id, Ending.failed(f"worker {self.ctx.worker_id} shut down", ErrorCode.UNAVAILABLE))
 
     async def _finish_then_exit(self) -> None:
-        while self.ctx.waiting or self.engine.has_unfinished or self.engine.num_sequences or self.prefill.num_handoffs_in_flight:
+        while len(self.ctx.requests):
             await asyncio.sleep(0.1)
-        log.info("drained")
+        log.info("drained", ended=dict(self.ctx.requests.ended))
         self._on_drained()
+
+    # -- heartbeats --------------------------------------------------------------------------
 
     def heartbeat(self) -> Heartbeat:
         ctx = self.ctx
         engine = self.engine
+        requests = ctx.requests
         metrics = ctx.metrics
         metrics.labels(metrics.kv_usage).set(1 - engine.num_free_blocks / engine.num_blocks)
-        metrics.labels(metrics.running).set(engine.num_running)
-        metrics.labels(metrics.waiting).set(ctx.waiting)
+        metrics.labels(metrics.running).set(requests.running)
+        metrics.labels(metrics.waiting).set(requests.waiting)
+        leader = self.group.addresses()[0]  # the address prefill workers warm up a connection to
         return Heartbeat(
             worker_id=ctx.worker_id,
             role=ctx.role,
             model=ctx.model.name,
             model_fingerprint=ctx.model.config.fingerprint(),
-            ucx_host=self.ucx_host,
-            ucx_port=self.receiver.port,
-            running=engine.num_running,
-            waiting=ctx.waiting,
+            ucx_host=leader.host,
+            ucx_port=leader.port,
+            running=requests.running,
+            waiting=requests.waiting,
             free_kv_blocks=engine.num_free_blocks,
             total_kv_blocks=engine.num_blocks,
-            queued_prefill_tokens=ctx.queued_prefill_tokens,
+            queued_prefill_tokens=requests.queued_prefill_tokens,
             sent_at=time.time(),
             kv_bytes_per_token=engine.kv_bytes_per_token,
             draining=ctx.draining,

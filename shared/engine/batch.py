@@ -77,13 +77,14 @@ class ForwardBatch:
     last_token_index: torch.Tensor  # [R] int64: rows whose logits the model returns (last token of each chunk wanting them)
     decode: DecodeGroup | None
     prefills: tuple[PrefillSpan, ...]
+    dp_counts: tuple[int, ...] | None = None  # data-parallel attention: tokens of every DP group this pass (MoE layers gather them)
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk], block_size: int) -> ForwardBatch:
+    def build(cls, chunks: list[SequenceChunk], block_size: int, dp_counts: tuple[int, ...] | None = None) -> ForwardBatch:
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")
         for chunk in chunks:
@@ -107,6 +108,7 @@ class ForwardBatch:
             last_token_index=last,
             decode=_decode_group(chunks, pages, ends, block_size),
             prefills=tuple(_prefill_spans(chunks, pages, ends, block_size)),
+            dp_counts=dp_counts,
         )
 
 

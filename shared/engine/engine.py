@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from shared.engine.batch import ForwardBatch, SequenceChunk
 from shared.engine.kv_cache import BlockAllocator, PagedKVCache, slot_mapping
 from shared.engine.loader import LoadedModel
 from shared.engine.prepack import prepacked
+from shared.engine.runner import StepRunner
 from shared.engine.sampling import Choice, RequestSampler, SamplingParams, sample_batch
 from shared.engine.scheduler import (
     KvCacheFullError,
@@ -44,6 +45,7 @@ from shared.engine.scheduler import (
     SchedulingConfig,
 )
 from shared.engine.sequence import Sequence
+from shared.engine.step_work import Chunk, Export, Keepalive, Step, Work
 
 __all__ = [
     "Engine",
@@ -54,6 +56,12 @@ __all__ = [
     "StepError",
     "TokenOutput",
 ]
+
+
+class StepChannel(Protocol):
+    """How the leader's engine reaches the other ranks of its group (shared/ranks/channel.py)."""
+
+    def broadcast(self, work: Work) -> None: ...
 
 
 class StepError(RuntimeError):
@@ -71,7 +79,8 @@ class TokenOutput:
     finish_reason: str | None  # "stop" (EOS or a stop token), "length" (max_tokens), None (more to come)
     logprob: float | None = None  # of token_id, when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token, logprob), most likely first
-    kv: torch.Tensor | None = field(default=None, compare=False)  # hand-off requests: the prompt's KV
+    kv: torch.Tensor | None = field(default=None, compare=False)  # hand-off requests: the prompt's KV (without a kv_holder)
+    kv_held: bool = False  # hand-off requests: the prompt's KV went to the engine's kv_holder instead
 
 
 class Engine:
@@ -82,8 +91,13 @@ class Engine:
         block_size: int = 16,
         kv_dtype: torch.dtype | None = None,
         scheduling: SchedulingConfig | None = None,
+        kv_holder: Callable[[str, torch.Tensor], None] | None = None,
     ):
-        """`kv_cache_tokens`: the cache budget, rounded down to whole blocks. `kv_dtype`: defaults to the weights'."""
+        """`kv_cache_tokens`: the cache budget, rounded down to whole blocks. `kv_dtype`: defaults to the weights'.
+
+        `kv_holder(request_id, kv)`: where a hand-off request's exported KV goes (a worker's
+        outbox) instead of its TokenOutput.
+        """
         if block_size <= 0 or kv_cache_tokens < block_size:
             raise ValueError(f"need 0 < block_size <= kv_cache_tokens, got {block_size} and {kv_cache_tokens}")
         self.loaded = loaded
@@ -91,10 +105,20 @@ class Engine:
         # The same weights, with CPU matmuls on pre-packed copies or GGUF blocks where that is faster (prepack.py).
         self.model = prepacked(loaded.model, loaded.block_weights)
         num_blocks = kv_cache_tokens // block_size
-        self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype)
+        self.kv_cache = PagedKVCache(
+            self.config, num_blocks, block_size, kv_dtype or loaded.model.dtype,
+            num_layers=loaded.model.num_cache_layers, num_kv_heads=loaded.model.num_cache_heads,
+        )
+        self.runner = StepRunner(self.model, self.kv_cache, loaded.model.comm)
+        # The group's other ranks (shared/ranks/): every step and KV move is broadcast to them first.
+        self.channel: StepChannel | None = None
+        self._tables_sent: set[str] = set()  # requests whose block table the ranks hold
+        self._forget: list[str] = []  # ended since the last step: the ranks drop their tables
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(scheduling or SchedulingConfig(), self.allocator, block_size)
+        self.kv_holder = kv_holder
         self.last_step_prompt_tokens = 0  # prompt tokens the last step() ran: a worker's prefill rate
+        self.last_step_started: list[str] = []  # requests whose prompt began in the last step() (just admitted)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -188,6 +212,7 @@ class Engine:
         """
         plan = self.scheduler.schedule()
         self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.prefilling)
+        self.last_step_started = [c.seq.request_id for c in plan if c.seq.prefilling and c.seq.num_cached == 0]
         if not plan:
             return []
         sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
@@ -237,9 +262,20 @@ class Engine:
             self.free(request_id)
 
     def export_kv(self, request_id: str) -> torch.Tensor:
-        """A new contiguous `[num_layers, 2, num_prompt_tokens, num_kv_heads, head_dim]` (K then V) tensor."""
+        """This rank's `[its layers, 2, num_prompt_tokens, its KV heads, head_dim]` (K then V), a new tensor.
+
+        Every other rank of the group exports its own part at the same time (into its outbox).
+        """
         seq = self._get(request_id)
-        return self.kv_cache.export(self._slots(seq.block_table, seq.num_prompt_tokens))
+        table = list(seq.block_table)
+        if self.channel is not None:
+            self.channel.broadcast(Export(request_id, table, seq.num_prompt_tokens))
+        return self.runner.export(table, seq.num_prompt_tokens)
+
+    def keepalive(self) -> None:
+        """While idle: lets the other ranks know the group is alive (no collective of theirs times out)."""
+        if self.channel is not None:
+            self.channel.broadcast(Keepalive())
 
     def add_prefilled(
         self,
@@ -254,8 +290,10 @@ class Engine:
         `prompt_ids` may be the ids or just their count: the KV already carries the prompt.
         Raises KvCacheFullError when its pages are not free now.
         """
+        if self.channel is not None:
+            raise RuntimeError("add_prefilled loads a whole KV on one rank; a rank group takes KV through add_prefilled_with")
         num_prompt = prompt_ids if isinstance(prompt_ids, int) else len(prompt_ids)
-        expected = (self.config.num_layers, 2, num_prompt, self.config.num_kv_heads, self.config.head_dim)
+        expected = (self.kv_cache.key.shape[0], 2, num_prompt, self.kv_cache.key.shape[1], self.config.head_dim)
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV for {request_id!r} has shape {tuple(kv.shape)}, expected {expected}")
 
@@ -294,6 +332,9 @@ class Engine:
     def free(self, request_id: str) -> None:
         """Releases the request (queued, running or finished) and its pages; unknown or freed ids are ignored."""
         self.scheduler.free(request_id)
+        if request_id in self._tables_sent:
+            self._tables_sent.discard(request_id)
+            self._forget.append(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stops a request wherever it is and releases its pages (same as free)."""
@@ -335,18 +376,26 @@ class Engine:
         return slot_mapping(table, torch.arange(num_tokens), self.block_size)
 
     def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
-        """Runs the plan's tokens; float32 logits `[R, vocab]` for the chunks that sample, in plan order."""
-        input_ids: list[int] = []
-        chunks = []
-        for item in plan:
-            seq = item.seq
-            input_ids += seq.next_chunk_ids(item.num_new)
-            chunks.append(SequenceChunk(seq.block_table, seq.num_cached, item.num_new, item.completes_prompt))
-        batch = ForwardBatch.build(chunks, self.block_size)
-        logits = self.model(torch.tensor(input_ids, dtype=torch.int64), batch, self.kv_cache)
+        """Runs the plan's tokens on every rank; float32 logits `[R, vocab]` for the chunks that sample, in plan order."""
+        step = self._step_work(plan)
+        if self.channel is not None:
+            self.channel.broadcast(step)
+        logits = self.runner.run(step)
         for item in plan:
             item.seq.num_cached += item.num_new
         return logits
+
+    def _step_work(self, plan: list[ScheduledChunk]) -> Step:
+        """The plan as every rank runs it: new block tables only, and the requests to forget."""
+        chunks, tables = [], {}
+        for item in plan:
+            seq = item.seq
+            chunks.append(Chunk(seq.request_id, seq.num_cached, item.num_new, item.completes_prompt, seq.next_chunk_ids(item.num_new)))
+            if seq.request_id not in self._tables_sent:
+                tables[seq.request_id] = list(seq.block_table)
+                self._tables_sent.add(seq.request_id)
+        forget, self._forget = self._forget, []
+        return Step([chunks], tables, forget)
 
     def _append_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenOutput]:
         # logits: [len(seqs), vocab]; a sequence's sampling step is the token's generated index (0 = first).
@@ -358,11 +407,14 @@ class Engine:
         reason = self._finish_reason(seq, choice.token_id)
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        kv = None
+        kv, held = None, False
         if seq.hand_off:  # its decode goes on elsewhere (or nowhere): nothing stays here
             kv = self.export_kv(seq.request_id) if reason is None else None
             self.scheduler.free(seq.request_id)
-        return TokenOutput(seq.request_id, choice.token_id, reason, choice.logprob, choice.top_logprobs, kv)
+            if kv is not None and self.kv_holder is not None:
+                self.kv_holder(seq.request_id, kv)
+                kv, held = None, True
+        return TokenOutput(seq.request_id, choice.token_id, reason, choice.logprob, choice.top_logprobs, kv, held)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampler.params

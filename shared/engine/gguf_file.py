@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from shared.engine.block_weights import BlockFormat, BlockWeight
+from shared.engine.block_weights import BLOCK_ELEMENTS, BlockFormat, BlockWeight
 from shared.engine.config import ModelConfig
-from shared.engine.model import CausalLM
 
 _MISSING = object()
 
@@ -156,31 +156,53 @@ class GgufFile:
             mlp_only_layers=tuple(i for i in range(num_layers) if not self.has_tensor(f"blk.{i}.ffn_gate_inp.weight")),
         )
 
-    def state_dict(self, config: ModelConfig) -> dict[str, torch.Tensor]:
-        """float32 tensors under our parameter names (dequantized; llama's Q/K rows un-permuted)."""
-        with torch.device("meta"):
-            names = list(CausalLM(config).state_dict())
-        weights = {}
-        for ours in names:
-            array = _in_hf_row_order(self.tensor(gguf_tensor_name(ours)), ours, config)
-            # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
-            weights[ours] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-        return weights
+    def tensor_as_ours(self, ours: str, config: ModelConfig) -> torch.Tensor:
+        """One of our parameters, float32 (dequantized; llama's Q/K rows un-permuted)."""
+        array = _in_hf_row_order(self.tensor(gguf_tensor_name(ours)), ours, config)
+        # Quantized tensors dequantize into fresh arrays; F32 ones are read-only views of the file: copy only those.
+        return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
-    def block_weights(self, config: ModelConfig, names: list[str]) -> dict[str, BlockWeight]:
-        """The raw blocks of those of `names` (2-D weights) stored as Q4_1 or Q8_0; the others are left out.
+    def converted_tensors(self, config: ModelConfig, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(name, float32 tensor)` for each of our parameter `names`, in sorted order, one at a time."""
+        for ours in sorted(names):
+            yield ours, self.tensor_as_ours(ours, config)
 
-        Rows are un-permuted like `state_dict`'s, so each equals its dense tensor dequantized.
+    def block_weights(self, config: ModelConfig, parts: dict[str, tuple[slice, ...]]) -> dict[str, BlockWeight]:
+        """The raw blocks of those weights stored as Q4_1 or Q8_0, cut to `parts` (name -> [rows, columns]).
+
+        Rows are un-permuted like `tensor_as_ours`, so each equals its dense shard dequantized.
+        A column cut that does not fall on whole blocks of 32 is left out (its linear runs dense).
         """
         blocks = {}
-        for ours in names:
+        for ours, (rows, columns) in parts.items():
             info = self._tensors[gguf_tensor_name(ours)]
             block_format = _BLOCK_FORMATS.get(info.tensor_type)
             if block_format is None or len(info.shape) != 2:
                 continue
-            rows = _in_hf_row_order(info.data, ours, config)  # uint8 [out, in / 32 * block_bytes]
-            blocks[ours] = BlockWeight(block_format, torch.from_numpy(np.array(rows, order="C")), int(info.shape[0]))
+            in_features = int(info.shape[0])
+            start, stop, _ = columns.indices(in_features)
+            if start % BLOCK_ELEMENTS or (stop % BLOCK_ELEMENTS and stop != in_features):
+                continue
+            data = _in_hf_row_order(info.data, ours, config)[rows]  # uint8 [out, in / 32 * block_bytes]
+            per_block = block_format.block_bytes
+            data = data[:, start // BLOCK_ELEMENTS * per_block : -(-stop // BLOCK_ELEMENTS) * per_block]
+            blocks[ours] = BlockWeight(block_format, torch.from_numpy(np.array(data, order="C")), stop - start)
         return blocks
+
+    def reader(self, config: ModelConfig) -> GgufReaderSource:
+        """A `TensorSource` that dequantizes each tensor as it is asked for (when no converted copy can be kept)."""
+        return GgufReaderSource(self, config)
+
+
+class GgufReaderSource:
+    def __init__(self, gguf: GgufFile, config: ModelConfig):
+        self.gguf, self.config = gguf, config
+
+    def read(self, ours: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.gguf.tensor_as_ours(ours, self.config)[index]
+
+    def describe(self, ours: str) -> str:
+        return f"{self.gguf.path.name}: {gguf_tensor_name(ours)}"
 
 
 def _in_hf_row_order(rows: np.ndarray, ours: str, config: ModelConfig) -> np.ndarray:

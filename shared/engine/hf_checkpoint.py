@@ -1,8 +1,8 @@
 """Reading an HF model folder: config.json + *.safetensors (one file, or shards named by
 model.safetensors.index.json), for the families in `SUPPORTED_MODEL_TYPES`.
 
-Only headers are read to build the config (cheap enough for the gateway); `state_dict()`
-reads the tensors and renames them to our parameter names (model.py).
+Only headers are read to build the config (cheap enough for the gateway); `reader()` reads
+the parts of tensors a rank needs, under our parameter names (model.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 
 from shared.engine.config import ModelConfig
-from shared.engine.model import CausalLM
 
 # HF model_type -> the architecture class name its config.json lists.
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -90,30 +89,64 @@ class HfCheckpoint:
                     digest.update(f.read(1 << 16))
         return f"hf:{digest.hexdigest()[:16]}"
 
-    def state_dict(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Our parameter name -> tensor in `dtype`, for `CausalLM(config)`."""
-        with torch.device("meta"):
-            expected = {name: t.shape for name, t in CausalLM(config).state_dict().items()}
-        used: set[str] = set()
-        weights = {}
-        with contextlib.ExitStack() as stack:
-            handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in set(self.tensor_files.values())}
+    def reader(self, config: ModelConfig) -> HfReader:
+        """A `TensorSource` over the checkpoint's files (a context manager: it keeps them open)."""
+        return HfReader(self, config)
 
-            def read(name: str) -> torch.Tensor:
-                if name not in self.tensor_files:
-                    raise ValueError(f"{self.folder}: checkpoint has no tensor {name!r} ({config.architecture} needs it)")
-                used.add(name)
-                return handles[self.tensor_files[name]].get_tensor(name)
 
-            for ours, shape in expected.items():
-                tensor = _read_ours(ours, config, read, self.tensor_files)
-                if tensor.shape != shape:
-                    raise ValueError(
-                        f"{self.folder}: {_describe(ours)} has shape {tuple(tensor.shape)}, config.json implies {tuple(shape)}"
-                    )
-                weights[ours] = tensor.to(dtype)
-        _check_all_used(self.folder, set(self.tensor_files), used, config)
-        return weights
+class HfReader:
+    """Reads parts of our parameters from the checkpoint's tensors, memory-mapped.
+
+    An expert stack `[E, out, in]` is assembled from the experts a rank holds only: from
+    per-expert tensors (HF's original layout) or from transformers 5's fused
+    `experts.gate_up_proj` `[E, 2 * inner, hidden]` (gate rows first) and `experts.down_proj`.
+    """
+
+    def __init__(self, checkpoint: HfCheckpoint, config: ModelConfig):
+        self.checkpoint = checkpoint
+        self.config = config
+        self.used: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> HfReader:
+        for path in set(self.checkpoint.tensor_files.values()):
+            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        files = self.checkpoint.tensor_files
+        if name not in files:
+            raise ValueError(f"{self.checkpoint.folder}: checkpoint has no tensor {name!r} ({self.config.architecture} needs it)")
+        self.used.add(name)
+        return self._handles[files[name]].get_slice(name)[index]
+
+    def read(self, ours: str, index: tuple[slice, ...]) -> torch.Tensor:
+        if not _is_expert_stack(ours):
+            return self._slice(hf_tensor_name(ours), index)
+        prefix, _, leaf = ours.rpartition(".")
+        experts = f"model.{prefix}.experts"
+        expert_rows, *inner = index  # which experts, then their rows and columns
+        fused = f"{experts}.gate_up_proj" if leaf != "down_proj" else f"{experts}.down_proj"
+        if fused in self.checkpoint.tensor_files:
+            if leaf == "down_proj":
+                return self._slice(fused, index)
+            size = self.config.moe_intermediate_size
+            rows = inner[0].indices(size)
+            shift = 0 if leaf == "gate_proj" else size  # up rows follow the gate rows
+            return self._slice(fused, (expert_rows, slice(rows[0] + shift, rows[1] + shift), inner[1]))
+        ids = range(self.config.num_experts)[expert_rows]
+        return torch.stack([self._slice(f"{experts}.{e}.{leaf}.weight", tuple(inner)) for e in ids])
+
+    def describe(self, ours: str) -> str:
+        return f"{self.checkpoint.folder}: {_describe(ours)}"
+
+    def check_all_used(self) -> None:
+        """A whole-model load must use every tensor of the checkpoint (else a feature is missing)."""
+        _check_all_used(self.checkpoint.folder, set(self.checkpoint.tensor_files), self.used, self.config)
 
 
 def _architecture(raw: dict[str, Any], folder: Path) -> str:
@@ -266,23 +299,6 @@ def _describe(ours: str) -> str:
         prefix, _, leaf = ours.rpartition(".")
         return f"model.{prefix}.experts.*.{leaf} (stacked)"
     return hf_tensor_name(ours)
-
-
-def _read_ours(ours: str, config: ModelConfig, read, names: dict[str, Path]) -> torch.Tensor:
-    if not _is_expert_stack(ours):
-        return read(hf_tensor_name(ours))
-    prefix, _, leaf = ours.rpartition(".")
-    # An expert stack [E, out, in]: per-expert tensors (HF's original layout), or transformers
-    # 5's fused `experts.gate_up_proj` [E, 2 * inner, hidden] (gate rows first) / `experts.down_proj`.
-    experts = f"model.{prefix}.experts"
-    fused = f"{experts}.gate_up_proj" if leaf != "down_proj" else f"{experts}.down_proj"
-    if fused in names:
-        tensor = read(fused)
-        if leaf == "down_proj":
-            return tensor
-        gate, up = tensor.chunk(2, dim=1)
-        return (gate if leaf == "gate_proj" else up).contiguous()
-    return torch.stack([read(f"{experts}.{e}.{leaf}.weight") for e in range(config.num_experts)])
 
 
 def _check_all_used(folder: Path, names: set[str], used: set[str], config: ModelConfig) -> None:

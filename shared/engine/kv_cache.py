@@ -78,13 +78,25 @@ class PagedKVCache:
     Exports and imports use the layout-free `[L, 2, S, H, D]` of a hand-off.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        num_layers: int | None = None,
+        num_kv_heads: int | None = None,
+    ):
+        """`num_layers` / `num_kv_heads`: a rank's own share (its stage's layers, its slice's heads); default all."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        layers = config.num_layers if num_layers is None else num_layers
+        heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+        shape = (layers, heads, num_blocks, block_size, config.head_dim)
         self.key = torch.zeros(shape, dtype=dtype)
         self.value = torch.zeros(shape, dtype=dtype)
         # The same memory with one flat run of slots per layer and head: [L, H, slots, D] (views).

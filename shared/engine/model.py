@@ -22,7 +22,9 @@ from shared.engine.attention import paged_attention
 from shared.engine.batch import ForwardBatch
 from shared.engine.config import ModelConfig
 from shared.engine.kv_cache import PagedKVCache
-from shared.engine.moe import ExpertPlacement, SparseMoeBlock
+from shared.engine.collectives import LOCAL, Collectives
+from shared.engine.moe import SparseMoeBlock
+from shared.engine.shard import WHOLE, ModelShard
 
 
 class RMSNorm(nn.Module):
@@ -89,29 +91,29 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _check_ep(config: ModelConfig, ep: int) -> None:
-    if ep != 1 and config.num_experts == 0:
-        raise ValueError(f"ep={ep}: a dense {config.architecture} model has no experts to place (use ep=1)")
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    """This rank's query heads and KV heads (all of them on one rank); o_proj outputs summed over the slices."""
+
+    def __init__(self, config: ModelConfig, cache_layer: int, shard: ModelShard = WHOLE, comm: Collectives = LOCAL):
         super().__init__()
-        self.layer_index = layer_index
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.layer_index = cache_layer  # this layer's place in the rank's own KV cache
+        self.num_heads = len(shard.q_heads(config))
+        self.num_kv_heads = len(shard.kv_heads(config))
         self.head_dim = config.head_dim
+        self.comm = comm
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=bias)
+        q_size, kv_size = self.num_heads * config.head_dim, self.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        # The bias is added once, by slice 0, so the sum over slices carries it once.
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias and shard.tp_rank == 0)
         # Qwen3: one RMSNorm weight over head_dim, shared by all query (resp. key) heads.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # q, k and v in one call, when the engine's twin fused them (prepack.py); q/k/v_proj are then unused.
         self.qkv_proj: nn.Module | None = None
-        self.qkv_sizes = (config.num_heads * config.head_dim, *[config.num_kv_heads * config.head_dim] * 2)
+        self.qkv_sizes = (q_size, kv_size, kv_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rope: RopeTables) -> torch.Tensor:
         # x: [T, hidden]
@@ -129,17 +131,19 @@ class Attention(nn.Module):
         # New K/V go to their pages first, so each sequence then reads one uniform context from the cache.
         kv_cache.write(self.layer_index, batch.slot_mapping, k, v)
         out = paged_attention(q, self.layer_index, batch, kv_cache)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.comm.tp_all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
 
 class MLP(nn.Module):
-    """The dense SwiGLU MLP (every layer of Llama/Qwen3, the mlp-only layers of Qwen3-MoE)."""
+    """The dense SwiGLU MLP (every layer of Llama/Qwen3, the mlp-only layers of Qwen3-MoE), over this rank's columns."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: ModelShard = WHOLE, comm: Collectives = LOCAL):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        inner = len(shard.columns(config.intermediate_size))
+        self.comm = comm
+        self.gate_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
         # gate and up in one call, when the engine's twin fused them (prepack.py); gate/up_proj are then unused.
         self.gate_up_proj: nn.Module | None = None
 
@@ -148,38 +152,55 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.comm.tp_all_reduce(self.down_proj(F.silu(gate) * up))  # SwiGLU, summed over the column slices
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, ep: int = 1):
+    def __init__(self, config: ModelConfig, layer_index: int, cache_layer: int, shard: ModelShard = WHOLE, comm: Collectives = LOCAL):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer_index)
+        self.attn = Attention(config, cache_layer, shard, comm)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: MLP | SparseMoeBlock = SparseMoeBlock(config, ep) if config.is_moe_layer(layer_index) else MLP(config)
+        self.mlp: MLP | SparseMoeBlock = (
+            SparseMoeBlock(config, shard, comm) if config.is_moe_layer(layer_index) else MLP(config, shard, comm)
+        )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache, rope: RopeTables) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), batch, kv_cache, rope)
-        return x + self.mlp(self.post_attn_norm(x))
+        h = self.post_attn_norm(x)
+        return x + (self.mlp(h, batch.dp_counts) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h))
 
 
 class CausalLM(nn.Module):
-    """Any family of `ARCHITECTURES`; `ep` places the experts of MoE layers on virtual EP ranks."""
+    """This rank's part of a model of any family of `ARCHITECTURES` (the whole model on a one-rank world).
 
-    def __init__(self, config: ModelConfig, ep: int = 1):
+    Parameter names are the whole model's (`layers.<global index>...`), so a shard's weights
+    are read by name from any checkpoint. The first pipeline stage embeds, the last one
+    computes logits; embedding and LM head hold this rank's vocabulary rows (shard.py).
+    """
+
+    def __init__(self, config: ModelConfig, shard: ModelShard = WHOLE, comm: Collectives = LOCAL):
         super().__init__()
-        _check_ep(config, ep)
+        shard.check(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, ep) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.shard = shard
+        self.comm = comm
+        layers = shard.layers(config)
+        vocab_rows = shard.vocab_rows_per_rank(config)
+        tied = config.tie_word_embeddings
+        needs_embedding = shard.is_first_stage or (shard.is_last_stage and tied)
+        self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size) if needs_embedding else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, i - layers.start, shard, comm) for i in layers})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        untied = not config.tie_word_embeddings
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
+        untied_head = shard.is_last_stage and not tied
+        self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False) if untied_head else None
+        self.vocab_start = shard.vocab(config).start
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], ep: int = 1) -> CausalLM:
+    def from_state_dict(
+        cls, config: ModelConfig, weights: dict[str, torch.Tensor], shard: ModelShard = WHOLE, comm: Collectives = LOCAL
+    ) -> CausalLM:
         """Builds the model around `weights` (adopted, not copied; skips the random init of nn.Linear).
 
         A tensor that is not 64-byte aligned (a view into a safetensors file) is copied: CPU
@@ -187,37 +208,55 @@ class CausalLM(nn.Module):
         logits that differ in the last bits depending on where they were read from.
         """
         with torch.device("meta"):
-            model = cls(config, ep)
+            model = cls(config, shard, comm)
         model.load_state_dict({name: _aligned(t) for name, t in weights.items()}, strict=True, assign=True)
         return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return next(self.parameters()).dtype
 
     @property
-    def expert_placement(self) -> ExpertPlacement | None:
-        """Where the experts live (the same for every MoE layer); None for a dense model."""
-        blocks = self.moe_blocks()
-        return blocks[0].placement if blocks else None
+    def num_cache_layers(self) -> int:
+        """Layers whose KV this rank keeps: its pipeline stage's."""
+        return len(self.layers)
+
+    @property
+    def num_cache_heads(self) -> int:
+        """KV heads this rank keeps: its tensor slice's."""
+        return len(self.shard.kv_heads(self.config))
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
+        return [layer.mlp for layer in self.layers.values() if isinstance(layer.mlp, SparseMoeBlock)]
 
-    def set_ep(self, ep: int) -> None:
-        """Re-places the experts on `ep` virtual ranks (ep must divide num_experts; 1 for dense models)."""
-        _check_ep(self.config, ep)
-        for block in self.moe_blocks():
-            block.set_ep(ep)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> [T, hidden]; vocab-parallel: each slice looks up its own rows, the sum is the embedding."""
+        if self.shard.tp == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local.clamp(0, self.embed_tokens.num_embeddings - 1)) * inside[:, None].to(self.dtype)
+        return self.comm.tp_all_reduce(x)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
-        """Runs the batch's new tokens and writes their K/V; float32 logits `[num_seqs, vocab]` of last tokens."""
-        # input_ids: [T]
-        x = self.embed_tokens(input_ids)  # [T, hidden]
+    def run_layers(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
+        """This stage's layers over the batch's new tokens (their K/V written): [T, hidden] -> [T, hidden]."""
         rope = self.rotary.tables(batch.positions, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = layer(x, batch, kv_cache, rope)
-        x = self.norm(x[batch.last_token_index])  # [num_seqs, hidden]: the head only needs last tokens
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Last stage: hidden rows `[R, hidden]` -> float32 logits `[R, vocab]` on tensor slice 0, None on the others."""
+        x = self.norm(x)
         if self.lm_head is None:  # tied to the embedding
-            return F.linear(x, self.embed_tokens.weight).float()  # [num_seqs, vocab]
-        return self.lm_head(x).float()  # a module call, so the engine's packed twin can swap it (prepack.py)
+            local = F.linear(x, self.embed_tokens.weight)
+        else:
+            local = self.lm_head(x)  # a module call, so the engine's packed twin can swap it (prepack.py)
+        full = self.comm.tp_gather_last_dim(local.float())
+        return None if full is None else full[:, : self.config.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor | None:
+        """One pipeline stage holding every layer (pp=1): float32 logits `[num_seqs, vocab]` of last tokens (slice 0)."""
+        # input_ids: [T]
+        x = self.run_layers(self.embed(input_ids), batch, kv_cache)
+        return self.logits(x[batch.last_token_index])  # the head only needs last tokens

@@ -1,81 +1,52 @@
 """Qwen3-MoE's sparse MLP: a softmax router picks top-k experts per token, each a SwiGLU MLP.
 
-Expert parallelism (`ep`): expert e lives on EP rank `e // (num_experts // ep)`, contiguous
-runs as in vLLM/SGLang's default placement. Ranks are virtual here (one process computes
-every expert), but the forward runs as an EP deployment would: *dispatch* each (token, k)
-assignment to the rank holding its expert, each rank runs its own experts, *combine*
-gathers the outputs back into [T, k] slots and takes the router-weighted sum. Every slot
-is computed by exactly one expert on the same rows whatever `ep` is, and the sum runs over
-k in a fixed order, so results are bit-identical for every `ep`.
+Expert parallelism across real ranks (shared/engine/shard.py): the ranks of a pipeline
+stage form the expert-parallel group; each holds the experts of its EP rank only (loaded
+alone), and the ranks sharing an EP rank split those experts' intermediate columns. One
+MoE layer, on every rank of the stage:
+
+  1. the tokens: a rank's own batch; with data-parallel attention (dp > 1) every DP
+     group's tokens are gathered first (`dp_all_gather`), so all ranks see the same rows;
+  2. the router runs everywhere (replicated, a few KB) and picks top-k experts per token;
+  3. each rank runs its own experts on the rows routed to them and adds the router-weighted
+     outputs into a `[T, hidden]` partial sum, in expert order (as HF does);
+  4. the partial sums are added over the stage (`stage_all_reduce`), and each rank keeps
+     its own DP group's rows.
+
+All-gather + all-reduce rather than all-to-all: on the gloo CPU backend a dense collective
+over `[T, hidden]` costs about what the padded all-to-all would, and it keeps every rank's
+work independent of the routing (no second exchange of variable-sized buffers); the
+all-reduce is what a reduce-scatter + all-gather would move. A rank with no tokens (an
+idle DP group) still takes part with zero rows, so no collective waits for it.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.engine.collectives import LOCAL, Collectives
 from shared.engine.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class ExpertPlacement:
-    """Which EP rank holds each expert: `experts_per_rank` consecutive experts per rank."""
-
-    num_experts: int
-    ep: int
-
-    def __post_init__(self) -> None:
-        if self.ep <= 0 or self.num_experts <= 0 or self.num_experts % self.ep:
-            valid = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
-            raise ValueError(f"ep={self.ep} must divide the {self.num_experts} experts; valid ep: {valid}")
-
-    @property
-    def experts_per_rank(self) -> int:
-        return self.num_experts // self.ep
-
-    def rank_of(self, expert: int) -> int:
-        if not 0 <= expert < self.num_experts:
-            raise IndexError(f"expert {expert} outside [0, {self.num_experts})")
-        return expert // self.experts_per_rank
-
-    def experts_of(self, rank: int) -> range:
-        if not 0 <= rank < self.ep:
-            raise IndexError(f"EP rank {rank} outside [0, {self.ep})")
-        return range(rank * self.experts_per_rank, (rank + 1) * self.experts_per_rank)
-
-    @property
-    def expert_ranks(self) -> tuple[int, ...]:
-        """The rank of every expert, indexed by expert id."""
-        return tuple(self.rank_of(e) for e in range(self.num_experts))
+from shared.engine.shard import WHOLE, ModelShard
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + stacked expert weights (`[E, out, in]`, like nn.Linear per expert)."""
+    """Router + this rank's stacked expert weights (`[E_local, out, in]`, like nn.Linear per expert)."""
 
-    def __init__(self, config: ModelConfig, ep: int = 1):
+    def __init__(self, config: ModelConfig, shard: ModelShard = WHOLE, comm: Collectives = LOCAL):
         super().__init__()
-        num_experts, hidden, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        hidden = config.hidden_size
+        self.experts = shard.experts(config)  # global ids of the experts held here
+        inner = len(shard.expert_columns(config))
+        self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.router = nn.Linear(hidden, num_experts, bias=False)
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, inner, hidden))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, inner, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
-        self.placement = ExpertPlacement(num_experts, ep)
-
-    @property
-    def num_experts(self) -> int:
-        return self.placement.num_experts
-
-    def expert_ranks(self, ep: int) -> tuple[int, ...]:
-        """The EP rank of every expert under `ep` (what a multi-GPU deployment would load where)."""
-        return ExpertPlacement(self.num_experts, ep).expert_ranks
-
-    def set_ep(self, ep: int) -> None:
-        self.placement = ExpertPlacement(self.num_experts, ep)
+        self.comm = comm
+        self.router = nn.Linear(hidden, config.num_experts, bias=False)
+        self.gate_proj = nn.Parameter(torch.empty(len(self.experts), inner, hidden))
+        self.up_proj = nn.Parameter(torch.empty(len(self.experts), inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(len(self.experts), hidden, inner))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, hidden] -> weights [T, k] (x's dtype), expert ids [T, k] int64."""
@@ -85,22 +56,28 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden]
-        weights, experts = self.route(x)
-        assignments = dispatch(experts.reshape(-1), self.num_experts)  # per expert: flat (token, k) indices
-        slots = x.new_empty(experts.numel(), x.shape[-1])  # [T * k, hidden]: one row per assignment
-        for rank in range(self.placement.ep):
-            for expert in self.placement.experts_of(rank):
+    def forward(self, x: torch.Tensor, dp_counts: tuple[int, ...] | None = None) -> torch.Tensor:
+        # x: [T, hidden] (this rank's rows); dp_counts: rows of every DP group when attention is data-parallel
+        tokens = x if dp_counts is None else self.comm.dp_all_gather(x, list(dp_counts))  # [T_all, hidden]
+        out = torch.zeros_like(tokens)
+        if tokens.shape[0]:
+            weights, experts = self.route(tokens)
+            flat_weights = weights.reshape(-1)
+            assignments = dispatch(experts.reshape(-1), self.num_experts)  # per expert: flat (token, k) indices
+            for local, expert in enumerate(self.experts):
                 index = assignments[expert]
                 if index.numel():
-                    slots[index] = self._expert(expert, x[index // self.top_k])
-        combined = slots.view(*experts.shape, -1) * weights[..., None]  # [T, k, hidden]
-        return combined.sum(dim=1)
+                    rows = index // self.top_k
+                    out.index_add_(0, rows, self._expert(local, tokens[rows]) * flat_weights[index, None])
+        out = self.comm.stage_all_reduce(out)
+        if dp_counts is None:
+            return out
+        start = sum(dp_counts[: self.comm.shard.dp_group])
+        return out[start : start + x.shape[0]]
 
-    def _expert(self, expert: int, h: torch.Tensor) -> torch.Tensor:
-        # h: [n, hidden] -> [n, hidden], SwiGLU
-        return F.linear(F.silu(F.linear(h, self.gate_proj[expert])) * F.linear(h, self.up_proj[expert]), self.down_proj[expert])
+    def _expert(self, local: int, h: torch.Tensor) -> torch.Tensor:
+        # h: [n, hidden] -> [n, hidden], SwiGLU over this rank's columns of the expert
+        return F.linear(F.silu(F.linear(h, self.gate_proj[local])) * F.linear(h, self.up_proj[local]), self.down_proj[local])
 
 
 def dispatch(flat_experts: torch.Tensor, num_experts: int) -> list[torch.Tensor]:

@@ -159,9 +159,8 @@ def _pack(model: nn.Module) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, name, PackedLinear(child.weight, child.bias))
-        embedding = getattr(twin, "embed_tokens", None)
-        if getattr(twin, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
-            twin.lm_head = PackedLinear(embedding.weight)  # the tied head, packed like the rest
+        if _computes_tied_head(twin):
+            twin.lm_head = PackedLinear(twin.embed_tokens.weight)  # the tied head, packed like the rest
     return twin.eval()
 
 
@@ -199,11 +198,16 @@ def _block_twin(model: nn.Module, block_weights: Mapping[str, BlockWeight], kern
                     # No usable blocks (another format, or dropped as inexact): the packed dense path.
                     setattr(parent, name, block_linear([prefix + name]) or _dense_linear([child], _bias(child)))
         tied = block_weights.get("embed_tokens.weight")
-        embedding = getattr(twin, "embed_tokens", None)
-        if getattr(twin, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
-            dense_head = _dense_linear([_linear_over(embedding.weight)], None)
+        if _computes_tied_head(twin):
+            dense_head = _dense_linear([_linear_over(twin.embed_tokens.weight)], None)
             twin.lm_head = dense_head if tied is None else BlockLinear(tied, None, dense_head, kernel)
     return twin.eval()
+
+
+def _computes_tied_head(model: nn.Module) -> bool:
+    """Whether the model's head is its embedding matrix and this rank computes logits (its last pipeline stage)."""
+    has_head_slot = getattr(model, "lm_head", "absent") is None
+    return has_head_slot and isinstance(getattr(model, "embed_tokens", None), nn.Embedding) and getattr(model, "norm", None) is not None
 
 
 def _dense_linear(linears: list[nn.Module], bias: torch.Tensor | None) -> nn.Module:

@@ -197,8 +197,9 @@ def test_bfloat16_weights_and_cache(tiny):
         engine = Engine(loaded, kv_cache_tokens=256, kv_dtype=kv_dtype)
         assert engine.kv_dtype == torch.bfloat16
         tokens = generate(engine, "r", PROMPT, dataclasses.replace(GREEDY, max_tokens=8))
-        # Wide random init keeps greedy margins far above bf16 rounding for the first tokens.
-        assert tokens[:4] == reference[:4]
+        # The first token's greedy margin (0.48 in logits) is far above bf16 rounding; later
+        # ones of this random model are not (0.02), so only the first must agree.
+        assert tokens[0] == reference[0] and len(tokens) == len(reference)
         assert engine.export_kv("r").dtype == torch.bfloat16
 
 
@@ -209,9 +210,9 @@ def test_prepacked_twin_shares_weights_and_matches(tiny):
     engine = Engine(tiny, kv_cache_tokens=256)
     twin, model = engine.model, tiny.model
     assert twin is not model and Engine(tiny, kv_cache_tokens=256).model is twin  # packed once per model
-    assert isinstance(twin.layers[0].attn.q_proj, PackedLinear) and isinstance(twin.lm_head, PackedLinear)
-    assert twin.embed_tokens is model.embed_tokens and twin.layers[1].input_norm is model.layers[1].input_norm
-    assert model.lm_head is None and isinstance(model.layers[0].attn.q_proj, torch.nn.Linear)  # the original is untouched
+    assert isinstance(twin.layers["0"].attn.q_proj, PackedLinear) and isinstance(twin.lm_head, PackedLinear)
+    assert twin.embed_tokens is model.embed_tokens and twin.layers["1"].input_norm is model.layers["1"].input_norm
+    assert model.lm_head is None and isinstance(model.layers["0"].attn.q_proj, torch.nn.Linear)  # the original is untouched
     ids = torch.tensor(PROMPT)
     with torch.inference_mode():
         logits = [
@@ -221,8 +222,7 @@ def test_prepacked_twin_shares_weights_and_matches(tiny):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-4)
     moe = load_model("tiny-moe")
     moe_twin = Engine(moe, kv_cache_tokens=256).model
-    moe.model.set_ep(2)  # MoE blocks are shared, so the engine sees the new placement
-    assert moe_twin.expert_placement.ep == 2
+    assert moe_twin.moe_blocks()[0] is moe.model.moe_blocks()[0]  # MoE blocks are shared, not copied
     bf16 = load_model("tiny-llama", dtype=torch.bfloat16)
     assert Engine(bf16, kv_cache_tokens=256).model is bf16.model  # packing is float32-only
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.engine.loader import load_model
-from shared.engine.moe import ExpertPlacement, SparseMoeBlock, dispatch
+from shared.engine.moe import dispatch
 from shared.engine.presets import TINY_LLAMA_CONFIG, TINY_MOE_CONFIG
 from shared.engine.weight_cache import WeightCache
 from tests.engine.hf_checkpoints import (
@@ -83,19 +83,7 @@ def test_gguf_copy_matches_hf(checkpoints, family, tmp_path):
     assert (our_last_logits(ours, ids, 16) - hf_last_logits(hf, ids)).abs().max().item() <= LOGITS_ATOL
 
 
-# -- expert parallelism ------------------------------------------------------------------------
-
-
-def test_expert_placement_is_contiguous_and_validated():
-    placement = ExpertPlacement(num_experts=8, ep=4)
-    assert placement.expert_ranks == (0, 0, 1, 1, 2, 2, 3, 3)
-    assert list(placement.experts_of(2)) == [4, 5] and placement.rank_of(7) == 3
-    assert ExpertPlacement(6, 1).expert_ranks == (0,) * 6 and ExpertPlacement(6, 6).expert_ranks == tuple(range(6))
-    with pytest.raises(ValueError) as info:
-        ExpertPlacement(6, 4)
-    assert "valid ep: [1, 2, 3, 6]" in str(info.value)
-    block = SparseMoeBlock(TINY_MOE_CONFIG)
-    assert block.expert_ranks(2) == (0, 0, 0, 0, 1, 1, 1, 1) and block.placement.ep == 1
+# -- mixture of experts (sharded across real ranks: tests/engine/test_sharded_model.py) --------
 
 
 def test_dispatch_covers_every_assignment_once():
@@ -103,27 +91,6 @@ def test_dispatch_covers_every_assignment_once():
     groups = dispatch(experts.reshape(-1), num_experts=6)
     assert [g.tolist() for g in groups] == [[1, 2, 7], [6], [], [0, 5], [], [3, 4]]
     assert sorted(torch.cat(groups).tolist()) == list(range(8))
-
-
-def test_moe_results_do_not_depend_on_ep(checkpoints, loaded):
-    folder, _ = checkpoints["qwen3_moe"]
-    moe = loaded["qwen3_moe"]
-    ids = prompt_ids(37, seed=1)
-    reference = our_last_logits(moe, ids, 4)
-    for ep in (2, 3, 6):
-        moe.model.set_ep(ep)
-        assert moe.model.expert_placement == ExpertPlacement(6, ep)
-        assert torch.equal(our_last_logits(moe, ids, 4), reference)  # bit-identical, not just close
-    moe.model.set_ep(1)
-    placed = load_model(folder, ep=3)
-    assert [block.placement.ep for block in placed.model.moe_blocks()] == [3, 3]
-    assert torch.equal(our_last_logits(placed, ids, 4), reference)
-    with pytest.raises(ValueError) as info:
-        load_model(folder, ep=4)
-    assert "must divide the 6 experts" in str(info.value)
-    with pytest.raises(ValueError) as info:
-        loaded["qwen3"].model.set_ep(2)
-    assert "no experts" in str(info.value)
 
 
 def test_router_renormalises_only_when_asked(loaded):

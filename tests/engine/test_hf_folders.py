@@ -211,4 +211,4 @@ def test_tensor_mismatches_are_refused(llama_folder, tmp_path):
 
     edit_config(folder, intermediate_size=81)
     save_file(tensors, folder / "model.safetensors")
-    assert "model.layers.0.mlp.gate_proj.weight" in refusal(load_model, folder) and "config.json implies" in refusal(load_model, folder)
+    assert "model.layers.0.mlp.gate_proj.weight" in refusal(load_model, folder) and "the config implies" in refusal(load_model, folder)

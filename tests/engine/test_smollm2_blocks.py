@@ -69,19 +69,19 @@ def test_engine_twin_uses_blocks_with_the_dense_path_kept(smollm2):
     engine = Engine(smollm2, kv_cache_tokens=256)
     twin = engine.model
     assert uses_block_weights(twin) and twin is not smollm2.model
-    attn, mlp = twin.layers[0].attn, twin.layers[0].mlp
+    attn, mlp = twin.layers["0"].attn, twin.layers["0"].mlp
     assert isinstance(attn.qkv_proj, BlockLinear) and attn.qkv_proj.weight_blocks.out_features == 576 + 2 * 192
     assert isinstance(mlp.gate_up_proj, BlockLinear) and isinstance(mlp.down_proj, BlockLinear)
     assert isinstance(twin.lm_head, BlockLinear) and isinstance(twin.lm_head.dense, PackedLinear)
     assert twin.embed_tokens is smollm2.model.embed_tokens  # shared, not copied
-    assert smollm2.model.layers[0].attn.qkv_proj is None  # the loaded model itself is untouched
+    assert smollm2.model.layers["0"].attn.qkv_proj is None  # the loaded model itself is untouched
     dense = dense_engine(smollm2).model
     assert not uses_block_weights(dense) and prepacked(smollm2.model) is dense
 
 
 @needs_kernel
 def test_block_linear_takes_blocks_up_to_max_rows_then_dense(smollm2):
-    linear = Engine(smollm2, kv_cache_tokens=256).model.layers[3].mlp.down_proj
+    linear = Engine(smollm2, kv_cache_tokens=256).model.layers["3"].mlp.down_proj
     dense = linear.dense
     linear.dense = counting = CountingModule(dense)
     try:

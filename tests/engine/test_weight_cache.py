@@ -29,15 +29,15 @@ def gguf_path(tmp_path_factory):
 
 @pytest.fixture
 def conversions(monkeypatch):
-    """Counts dequantizations (GgufFile.state_dict calls): a cache hit must not convert."""
+    """Counts conversions (GgufFile.converted_tensors calls): a cache hit must not convert."""
     calls = []
-    original = GgufFile.state_dict
+    original = GgufFile.converted_tensors
 
-    def spy(self, config):
+    def spy(self, config, names):
         calls.append(self.path)
-        return original(self, config)
+        return original(self, config, names)
 
-    monkeypatch.setattr(GgufFile, "state_dict", spy)
+    monkeypatch.setattr(GgufFile, "converted_tensors", spy)
     return calls
 
 

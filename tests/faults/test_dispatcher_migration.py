@@ -66,8 +66,8 @@ class FakeNats:
         if subject == SUBJECTS.place:
             request = protocol.decoder(PlaceRequest).decode(payload)
             self.places.append(request)
-            decoders = [d for d in self.decoders if d not in request.avoid_workers]
-            prefills = [p for p in self.prefills if p not in request.avoid_workers]
+            decoders = [d for d in self.decoders if d not in request.exclude]
+            prefills = [p for p in self.prefills if p not in request.exclude]
             if not decoders or not prefills:
                 return Msg(subject, protocol.encode(ServiceError(ErrorCode.UNAVAILABLE, "no live decode worker")))
             reply = Placement(request.request_id, Path.DISAGG, prefills[0], decoders[0], decode_incarnation="i1")
@@ -156,7 +156,7 @@ async def test_a_refused_job_is_placed_elsewhere():
     nats.refusing.add("p0")
     dispatcher, dispatched, _, consumer = await start(nats)
     assert dispatched.placement.prefill_worker == "p1"
-    assert nats.places[-1].avoid_workers == ["p0"]
+    assert nats.places[-1].exclude == ["p0"]
     consumer.cancel()
     await dispatcher.stop()
 
@@ -170,6 +170,7 @@ async def test_no_worker_left_ends_with_503():
     with pytest.raises(RequestError) as raised:
         await asyncio.wait_for(consumer, 1)
     assert raised.value.status == 503
+    assert "d0 failed: gone" in raised.value.message and "no live decode worker" in raised.value.message
     assert received == [10]
     await dispatcher.stop()
 

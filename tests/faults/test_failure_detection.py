@@ -44,7 +44,7 @@ def test_a_restart_under_the_same_id_reports_the_old_incarnation():
 
 def test_placement_avoids_the_workers_a_migration_names():
     workers = [WorkerLoad(beat("p0", Role.PREFILL), 0.0), WorkerLoad(beat("d0"), 0.0), WorkerLoad(beat("d1"), 0.0)]
-    placement = place(PlaceRequest("r", "m", 10, 5, avoid_workers=["d0"]), workers, Policy(mode=Mode.DISAGG))
+    placement = place(PlaceRequest("r", "m", 10, 5, exclude=["d0"]), workers, Policy(mode=Mode.DISAGG))
     assert placement.decode_worker == "d1"
     assert placement.decode_incarnation == "a"
 

@@ -37,7 +37,7 @@ def test_a_decoder_dying_mid_stream_continues_from_the_tokens_forwarded():
     request = f.place_request()
     assert request.request_id == "req-m1"
     assert request.num_prompt_tokens == 6 and request.max_tokens == 7
-    assert request.avoid_workers == ["d0"]
+    assert request.exclude == ["d0"]
     placement = place(f, "p0", "d1")
     job = f.job(placement, "pd.stream.req-m1")
     assert job.request_id == "req-m1"
@@ -77,7 +77,7 @@ def test_a_prefill_worker_that_dies_before_the_first_token_is_retried_with_the_w
     f = flight()
     place(f)
     assert f.on_worker_down(WorkerDown("p0", "p0-1", "gone")).action is Action.MIGRATE
-    assert f.place_request().avoid_workers == ["p0"]
+    assert f.place_request().exclude == ["p0"]
     job = f.job(place(f, "p1", "d0"), "s")
     assert job.prompt_ids == PROMPT and job.sampling.step_offset == 0 and job.sampling.max_tokens == 10
 
@@ -147,7 +147,7 @@ def test_an_unavailable_hand_off_avoids_the_decoder_it_waited_on():
     f.on_event(0, tokens(f, "p0", [1]))
     error = TokenEvent(f.attempt.request_id, "p0", [], FinishReason.ERROR, "decoder refused", error_code=ErrorCode.UNAVAILABLE)
     assert f.on_event(0, error).action is Action.MIGRATE
-    assert f.place_request().avoid_workers == ["d0"]
+    assert f.place_request().exclude == ["d0"]
 
 
 def test_a_redirected_hand_off_accepts_the_new_decoder():

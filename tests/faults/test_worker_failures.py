@@ -218,12 +218,10 @@ async def test_an_unreachable_decoder_during_the_hand_off_is_never_a_500(stack):
     assert stack.pid(frozen) == pid  # only frozen, not restarted
 
 
-@pytest.mark.xfail(strict=False, reason="needs the lead's leases (issue 12 item 2): a decoder that accepted a hand-off whose bytes never come keeps it (waiting=1)")
 async def test_the_decoder_that_was_unreachable_releases_the_hand_off_it_missed(stack):
     await stack.wait_baseline(timeout=10, live_only=True)  # one decoder was stopped for good before
 
 
-@pytest.mark.xfail(strict=False, reason="needs the lead's worker side: a refused hand-off reported as UNAVAILABLE (error_code) or retried on another decoder")
 async def test_a_refusing_decoder_during_the_hand_off_is_never_a_500(stack):
     # Decoders busy with long streams, so once drained they stay up for a while and refuse new work.
     decoders = [d for d in DECODES if stack.pid(d) is not None]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.page_map import PageMap, pages_needed
+from shared.reshard.page_map import PageMap, pages_needed
 from shared.kv_spec import KvSpec
 
 
