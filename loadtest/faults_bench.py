@@ -32,6 +32,7 @@ PREFILLS, DECODES = ["prefill-0", "prefill-1"], ["decode-0", "decode-1"]
 PROMPT = [1000 + (i * 7) % 300 for i in range(24)]
 LONG_PROMPT = [1000 + (i * 13) % 500 for i in range(3000)]
 STREAM_TOKENS = 200
+MAX_ROUNDS = 4
 
 
 @dataclass
@@ -150,8 +151,11 @@ def report(samples: Samples) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.faults_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="kill rounds (each waits for the killed workers to come back)")
+    parser.add_argument("--rounds", type=int, default=3, help=f"kill rounds, 1 to {MAX_ROUNDS} (each waits for the killed workers to come back)")
     args = parser.parse_args()
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        # The same worker is often the one killed: a 5th crash within 300 s and `pdserve up` gives up on it.
+        parser.error(f"--rounds: 1 to {MAX_ROUNDS} (more kills of one worker within 300 s trip the launcher's give-up policy)")
     report(asyncio.run(run(args.rounds)))
 
 

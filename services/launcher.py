@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -231,5 +230,7 @@ def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, worke
 
 
 def _child(name: str, stage: Stage, command: list[str], env: dict[str, str]) -> Child:
-    launch: Callable[[], subprocess.Popen] = lambda: processes.spawn(command, env=env, stderr=subprocess.PIPE)
+    def launch() -> subprocess.Popen:  # again on every restart: same command, same secrets
+        return processes.spawn(command, env=env, stderr=subprocess.PIPE)
+
     return Child(name, stage, launch)

@@ -19,7 +19,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
 
-from services.gateway.migration import DEFAULT_MIGRATION_LIMIT, Action, Flight
+from services.gateway.migration import DEFAULT_MIGRATION_LIMIT, Action, Flight, Verdict
 from services.gateway.openai_schema import RequestError
 from shared import protocol
 from shared.protocol import (
@@ -160,9 +160,9 @@ class Dispatcher:
             run.interrupt(why)
         return len(runs)
 
-    async def cancel(self, request_id: str, placement: Placement) -> None:
+    async def cancel(self, request_id: str, worker_ids: set[str]) -> None:
         payload = protocol.encode(CancelRequest(request_id))
-        for worker_id in {placement.prefill_worker, placement.decode_worker}:
+        for worker_id in worker_ids:
             await self.nc.publish(self.subjects.worker_cancel(worker_id), payload)
         log.info("request_cancelled", request_id=request_id)
 
@@ -246,9 +246,9 @@ class _FlightRun:
             await self._unsubscribe()
             if not finished:
                 attempt = self.flight.attempt
-                await self.dispatcher.cancel(attempt.request_id, attempt.placement)
+                await self.dispatcher.cancel(attempt.request_id, attempt.senders())
 
-    def _judge(self, item):
+    def _judge(self, item: _AttemptEvent | WorkerDown | _ConnectionLost) -> Verdict:
         if isinstance(item, _AttemptEvent):
             return self.flight.on_event(item.number, item.event)
         if isinstance(item, WorkerDown):
@@ -259,7 +259,7 @@ class _FlightRun:
         old = self.flight.attempt
         log.warning("request_migrating", attempt=old.request_id, reason=why, forwarded=len(self.flight.generated))
         await self._unsubscribe()
-        await self.dispatcher.cancel(old.request_id, old.placement)
+        await self.dispatcher.cancel(old.request_id, old.senders())
         try:
             await self.launch()
         except RequestError as error:  # nowhere to go: say why it had to move, and why it could not
