@@ -43,32 +43,39 @@ def _decoder(nats_url: str, decode_layout: str, page_size: int, num_tokens: int,
 
 
 async def _decoder_main(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, ready) -> None:
-    from shared.session import KvSessionEngine, UcxKvTransport
+    from shared.session import InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
+    from shared.session.rank_plan import RankShard
 
     torch.set_num_threads(1)
     spec = _spec(page_size)
-    receiver = KvReceiver()
-    await receiver.start()
-    nc = await connect_nats(nats_url, "bench-decoder")
-    sessions = KvSessionEngine(spec, parse_layout(decode_layout, "decode"), UcxKvTransport(receiver=receiver), announcer=None)
+    layout = parse_layout(decode_layout, "decode")
     num_blocks = -(-num_tokens // page_size)
-    key = torch.zeros(spec.cache_shape(num_blocks), dtype=spec.dtype)
-    value = torch.zeros_like(key)
+    ranks = []
+    for rank in range(layout.world):  # every rank its own UCX listener and its own cache of its shard
+        receiver = KvReceiver()
+        await receiver.start()
+        local = RankShard.of(layout, rank, spec).local_spec(spec, layout.tp)
+        key = torch.zeros(local.cache_shape(num_blocks), dtype=spec.dtype)
+        value = torch.zeros_like(key)
+        ranks.append(RankTransfer(rank, UcxKvTransport(KvSender(), receiver), cache=lambda k=key, v=value: (k, v)))
+    nc = await connect_nats(nats_url, "bench-decoder")
+    sessions = KvSessionEngine(spec, layout, InProcessGroup(ranks), lease_s=120)
     block_table = list(range(num_blocks))
     offer_decoder = protocol.decoder(SessionOffer)
     segments_decoder = protocol.decoder(list[KvSegment])
+    raw_receiver = ranks[0].transport.receiver
 
     async def on_offer(msg) -> None:
         offer = offer_decoder.decode(msg.data)
         await msg.respond(protocol.encode(await sessions.accept(offer)))
         pulled = await sessions.pull(offer.session_id)
-        pulled.write_into(key, value, block_table)
+        pulled.write_into(block_table)
         await nc.publish(DONE_SUBJECT, offer.session_id.encode())
 
     async def on_raw(msg) -> None:
         segments = segments_decoder.decode(msg.data)
-        receiving = asyncio.create_task(receiver.receive(segments, timeout=120))
-        await msg.respond(protocol.encode([receiver.host, receiver.port]))
+        receiving = asyncio.create_task(raw_receiver.receive(segments, timeout=120))
+        await msg.respond(protocol.encode([raw_receiver.host, raw_receiver.port]))
         await receiving
         await nc.publish(DONE_SUBJECT, b"raw")
 
@@ -90,11 +97,11 @@ class NatsOfferAnnouncer:
 
 
 async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
-    from shared.session import KvSessionEngine, UcxKvTransport
+    from kernels.reshard_reference import reference_shards
+    from shared.session import ExportedKv, InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
 
     torch.set_num_threads(1)
     spec = _spec(args.page_size)
-    sender = KvSender()
     nc = await connect_nats(nats_url, "bench-prefill")
     done: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -104,13 +111,20 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
     await nc.subscribe(DONE_SUBJECT, cb=on_done)
     prefill_layout = parse_layout(args.prefill_layout, "prefill")
     decode_layout = parse_layout(args.decode_layout, "decode")
-    sessions = KvSessionEngine(spec, prefill_layout, UcxKvTransport(sender=sender), NatsOfferAnnouncer(nc))
+    # Each prefill rank its own endpoints, holding its own shard (ranks share this process here:
+    # this measures the session machinery and UCX, not process start-up).
+    ranks = [RankTransfer(r, UcxKvTransport(KvSender(), KvReceiver())) for r in range(prefill_layout.world)]
+    sessions = KvSessionEngine(spec, prefill_layout, InProcessGroup(ranks), NatsOfferAnnouncer(nc), lease_s=120)
     kv = torch.randn(spec.num_layers, 2, args.tokens, spec.num_kv_heads, spec.head_dim)
+    shards = {rank: shard.contiguous() for rank, shard in reference_shards(kv, prefill_layout, spec).items()}
+    raw_sender = ranks[0].transport.sender
     session_s, raw_s, stats = [], [], None
     for i in range(args.repeats + 1):  # the first of each is a warm-up
+        for rank, shard in shards.items():
+            ranks[rank].hold(f"s{i}", shard)
         session = sessions.create_session(f"s{i}")
         started = time.perf_counter()
-        stats = await session.push(kv, target_layout=decode_layout)
+        stats = await session.push(ExportedKv(args.tokens), target_layout=decode_layout)
         await done.get()
         session_s.append(time.perf_counter() - started)
 
@@ -124,10 +138,11 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
         buffers = [torch.randint(0, 256, (s.nbytes,), dtype=torch.uint8) for s in segments]
         started = time.perf_counter()
         host, port = protocol.decoder(list).decode(await _raw_request(nc, segments))
-        await sender.send(host, port, segments, buffers)
+        await raw_sender.send(host, port, segments, buffers)
         await done.get()
         raw_s.append(time.perf_counter() - started)
-    await sender.close()
+    for rank in ranks:
+        await rank.transport.sender.close()
     await nc.close()
     return {"session_s": session_s[1:], "raw_s": raw_s[1:], "nbytes": stats.nbytes, "messages": stats.num_messages}
 

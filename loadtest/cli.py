@@ -34,8 +34,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_workload(parser: argparse.ArgumentParser, default: str) -> None:
-    group = parser.add_argument_group("workload")
+def add_lengths(group: argparse._ArgumentGroup, default: str) -> None:
+    """The length flags (`pdserve bench` and `pdserve plan` share them, so they mean the same)."""
     group.add_argument("--workload", choices=WORKLOAD_CHOICES, default=default, help=f"length distribution (default {default})")
     group.add_argument("--input-len", type=_positive_int, default=256, help="prompt tokens for fixed/random (default 256)")
     group.add_argument("--output-len", type=_positive_int, default=32, help="output tokens for fixed/random (default 32)")
@@ -44,19 +44,31 @@ def _add_workload(parser: argparse.ArgumentParser, default: str) -> None:
     group.add_argument("--trace-time-unit", choices=("ms", "s"), default="ms", help="unit of the trace timestamps (default ms)")
     group.add_argument("--trace-speedup", type=_positive_float, default=1.0, help="divide trace send times by this (default 1)")
     group.add_argument("--trace-length-scale", type=_positive_float, default=1.0, help="multiply trace lengths by this (default 1)")
+
+
+def _add_workload(parser: argparse.ArgumentParser, default: str) -> None:
+    group = parser.add_argument_group("workload")
+    add_lengths(group, default)
     group.add_argument("--tokenizer", help="preset name or tokenizer.json path for building prompts (default: --model)")
     group.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                        help="completions: prompt as token ids, exact input length (default); chat: text prompt plus the server's template")
 
 
-def _add_load(parser: argparse.ArgumentParser, default_rate: float, default_requests: int | None) -> None:
-    group = parser.add_argument_group("load")
-    group.add_argument("--request-rate", type=_positive_float, default=default_rate, help=f"open-loop arrivals per second; inf sends all at once (default {default_rate:g})")
+def add_arrivals(group: argparse._ArgumentGroup, default_rate: float | None, default_requests: int | None,
+                 rate_help: str = "", requests_help: str = "stop after this many requests") -> None:
+    """The arrival flags (`pdserve bench` and `pdserve plan` share them)."""
+    rate_help = rate_help or f"open-loop arrivals per second; inf sends all at once (default {default_rate:g})"
+    group.add_argument("--request-rate", type=_positive_float, default=default_rate, help=rate_help)
     group.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier (default 1)")
     group.add_argument("--concurrency", type=_positive_int, help="closed loop with this many requests in flight (instead of --request-rate)")
-    group.add_argument("--num-requests", type=_positive_int, default=default_requests, help="stop after this many requests")
+    group.add_argument("--num-requests", type=_positive_int, default=default_requests, help=requests_help)
     group.add_argument("--duration", type=_positive_float, help="stop sending after this many seconds (in-flight requests finish)")
     group.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and prompts (default 0)")
+
+
+def _add_load(parser: argparse.ArgumentParser, default_rate: float, default_requests: int | None) -> None:
+    group = parser.add_argument_group("load")
+    add_arrivals(group, default_rate, default_requests)
     group.add_argument("--request-timeout", type=_positive_float, default=300.0, help="seconds before a request counts as failed (default 300)")
     group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     group.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos (servers without the extension)")
@@ -108,6 +120,11 @@ def register(bench: argparse.ArgumentParser) -> None:
     engine = commands.add_parser("engine", help="the engine alone: prefill and decode tokens/s vs HF transformers")
     engine_bench.register(engine)
 
+    from loadtest import ranks_bench
+
+    ranks = commands.add_parser("ranks", help="one worker's engine as real rank groups of several layouts: step times, collectives' share")
+    ranks_bench.register(ranks)
+
 
 def run(args: argparse.Namespace) -> int:
     """Executes a parsed `bench serve` / `bench compare`; returns the exit code."""
@@ -125,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
             from loadtest import engine_bench
 
             return engine_bench.run(args)
+        if args.bench_command == "ranks":
+            from loadtest import ranks_bench
+
+            return ranks_bench.run(args)
         return _compare(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve bench {args.bench_command}: {exc}", file=sys.stderr)
@@ -134,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _workload(args: argparse.Namespace):
+def workload_from_args(args: argparse.Namespace):
     from loadtest import workloads
 
     if args.trace is not None or args.workload == "trace":
@@ -149,12 +170,13 @@ def _workload(args: argparse.Namespace):
     return workloads.PRESET_MIXES[args.workload]
 
 
-def _plan(args: argparse.Namespace):
+def plan_from_args(args: argparse.Namespace):
+    """The bench `Plan` (workload, arrivals, limits, seed) the workload and arrival flags describe."""
     from loadtest.bench import Plan, open_or_closed
     from loadtest.runner import Limits
     from loadtest.workloads import Trace
 
-    workload = _workload(args)
+    workload = workload_from_args(args)
     num_requests, duration = args.num_requests, args.duration
     if num_requests is None and duration is None and not isinstance(workload, Trace):
         num_requests = SERVE_DEFAULT_REQUESTS
@@ -186,7 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
     from loadtest.plots import save_run_plots
     from loadtest.report import format_summary, write_json
 
-    plan = _plan(args)
+    plan = plan_from_args(args)
     source, reporting = _source_and_reporting(args, args.workers)
     print(f"bench serve: {args.url}, {plan.workload.name}, {plan.describe_load()}", file=sys.stderr)
     result = asyncio.run(run_bench(_target(args, args.url), plan, source, reporting, warmup=args.warmup))
@@ -205,7 +227,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     comparison = Comparison(modes, args.model, args.workers, args.prefill_workers, args.threads)
-    plan = _plan(args)
+    plan = plan_from_args(args)
     source, reporting = _source_and_reporting(args, args.workers)
     document = run_compare(comparison, plan, lambda url: _target(args, url), source, reporting, args.out_dir, args.ready_timeout)
     print(document["table"])

@@ -82,10 +82,10 @@ def summarize(samples: list[Sample]) -> dict:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    rows = [f"{'mode':<10} {'TTFT ms':>9} {'TPOT ms':>9} {'KV bytes':>11} {'KV ms':>8} {'KV GB/s':>8}"]
+    rows = [f"{'mode':<14} {'TTFT ms':>9} {'TPOT ms':>9} {'KV bytes':>11} {'KV ms':>8} {'KV GB/s':>8}"]
     for mode, r in results.items():
         rows.append(
-            f"{mode:<10} {r['median_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['kv_bytes']:>11,} "
+            f"{mode:<14} {r['median_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['kv_bytes']:>11,} "
             f"{r['kv_transfer_ms']:>8.2f} {r['kv_gb_per_s']:>8.3f}"
         )
     if {"disagg", "colocated"} <= results.keys():
@@ -103,27 +103,48 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="measured requests per mode (medians)")
     parser.add_argument("--modes", default="disagg,colocated")
+    parser.add_argument(
+        "--layouts", default="",
+        help="instead of --modes: disaggregated stacks with these PREFILL:DECODE layouts, e.g. tp=1:tp=1,tp=2:tp=3 "
+        "(each rank its own process; compares the KV hand-off between rank groups)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--result-file", type=Path)
     parser.add_argument("--log-dir", type=Path, default=Path("bench-results"))
+
+
+def _stacks(args: argparse.Namespace):
+    """(label, StackSpec) of every stack to measure, one after the other."""
+    from loadtest.stack import StackSpec
+
+    if not args.layouts:
+        return [(mode, StackSpec(model=args.model, mode=mode, workers=2, threads=args.threads)) for mode in args.modes.split(",")]
+    stacks = []
+    for pair in args.layouts.split(","):
+        prefill, sep, decode = pair.partition(":")
+        if not sep:
+            raise ValueError(f"--layouts: {pair!r} is not PREFILL:DECODE (e.g. tp=2:tp=3)")
+        spec = StackSpec(model=args.model, mode="disagg", workers=2, threads=args.threads, prefill_layout=prefill, decode_layout=decode)
+        stacks.append((f"{prefill or 'tp=1'}->{decode or 'tp=1'}", spec))
+    return stacks
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from loadtest.prompts import PromptSource
-    from loadtest.stack import StackSpec, running_stack
+    from loadtest.stack import running_stack
     from shared.engine.tokenizer import load_tokenizer
 
     source = PromptSource(load_tokenizer(args.model))
     prompt_ids = source.token_ids(args.input_len, np.random.default_rng(0))
     results = {}
-    for mode in args.modes.split(","):
-        spec = StackSpec(model=args.model, mode=mode, workers=2, threads=args.threads)
+    for label, spec in _stacks(args):
         api_key = secrets.token_urlsafe(16)
-        with running_stack(spec, args.log_dir / f"latency-{mode}.log", api_key=api_key) as base_url:
+        log_name = label.replace(" ", "-").replace(":", "-").replace("=", "")
+        with running_stack(spec, args.log_dir / f"latency-{log_name}.log", api_key=api_key) as base_url:
             samples = asyncio.run(measure(base_url, args.model, prompt_ids, args.output_len, args.repeats, api_key))
-        results[mode] = summarize(samples)
+        results[label] = summarize(samples)
     print(f"model {args.model}, prompt {args.input_len} tokens, {args.output_len} output tokens, {args.repeats} runs per mode (medians)")
     print(format_table(results))
     if args.result_file:

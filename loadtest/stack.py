@@ -40,6 +40,8 @@ class StackSpec:
     workers: int  # total worker processes
     prefill_workers: int | None = None  # disagg only; default workers // 2
     threads: int | None = None  # torch threads per worker; None lets `pdserve up` decide
+    prefill_layout: str = ""  # e.g. "tp=2"; each rank its own process
+    decode_layout: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,7 +63,9 @@ class StackSpec:
     def up_flags(self) -> list[str]:
         prefill = 1 if self.mode == "colocated" else self.num_prefill
         flags = ["--model", self.model, "--mode", self.mode, "--prefill", str(prefill), "--decode", str(self.workers - prefill)]
-        return flags + (["--threads", str(self.threads)] if self.threads else [])
+        flags += ["--threads", str(self.threads)] if self.threads else []
+        flags += ["--prefill-layout", self.prefill_layout] if self.prefill_layout else []
+        return flags + (["--decode-layout", self.decode_layout] if self.decode_layout else [])
 
 
 @contextmanager

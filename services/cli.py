@@ -9,6 +9,7 @@ import sys
 
 from services.gateway import auth as gateway_auth
 from shared import nats_auth
+from shared.nats_failover import NATS_ENV, nats_urls_from, parse_nats_urls
 
 DEFAULT_MODEL = "smollm2-135m"
 UP_CREDS_HELP = (
@@ -31,6 +32,14 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _nats_urls(text: str) -> str:
+    try:
+        parse_nats_urls(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -39,7 +48,15 @@ def _positive_float(text: str) -> float:
 
 
 def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> None:
-    parser.add_argument("--nats", required=needs_nats, metavar="URL", help="NATS server URL, e.g. nats://127.0.0.1:4222")
+    from_env = nats_urls_from(None)
+    parser.add_argument(
+        "--nats",
+        type=_nats_urls,
+        default=from_env,
+        required=needs_nats and from_env is None,
+        metavar="URL[,URL...]",
+        help=f"NATS server URLs of one cluster, tried in order (nearest first), e.g. nats://a:4222,nats://b:4222; default: ${NATS_ENV}",
+    )
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
     parser.add_argument(
@@ -71,6 +88,15 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one worker's running batch")
 
 
+def _add_generation_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--generation-config",
+        choices=["model", "none"],
+        default="model",
+        help="sampling settings a request leaves unset: the model's recommended ones (model), or the OpenAI defaults (none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
     up.add_argument("--migration-limit", type=_non_negative_int, default=3, help="gateway: times a request may move to other workers when one fails (0: off)")
+    _add_generation_config(up)
     gateway_auth.add_arguments(up)
     up.add_argument("--no-api-key", action="store_true", help="serve without API keys (default: --api-key, PDSERVE_API_KEY, or a generated key)")
 
@@ -106,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
     gateway.add_argument("--migration-limit", type=_non_negative_int, default=3, help="times a request may move to other workers when one fails (0: off)")
+    _add_generation_config(gateway)
     gateway_auth.add_arguments(gateway)
 
     for role, text in (("prefill", "run a prefill worker"), ("decode", "run a decode worker"), ("worker", "run a worker in any role")):
@@ -114,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model(worker)
         _add_worker_options(worker)
         worker.add_argument("--worker-id", default=None)
-        worker.add_argument("--ucx-host", default="127.0.0.1", help="address peers reach this worker's UCX listener on ('auto': this host's IP)")
+        worker.add_argument("--ucx-host", default="127.0.0.1", help="where peers reach this worker's UCX listener: an address, an interface (eth0) or auto (the default route's interface)")
         worker.add_argument("--layout", default="", help="this worker's parallel layout, e.g. tp=4,ep=4 (prefill) or dp=2,tp=2 (decode)")
         worker.add_argument("--max-waiting", type=_positive_int, default=64, help="queued requests before this worker refuses more (429)")
         worker.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
@@ -129,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "worker":
             worker.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     from loadtest.cli import register as register_bench
+    from planner.cli import register as register_plan
     from services.admin.cli import register as register_admin
     from services.nats_config import register as register_nats_config
 
     register_admin(commands.add_parser("admin", help="operate a running deployment over NATS"))
     register_bench(commands.add_parser("bench", help="benchmarks: load tests, colocated vs disagg, hand-off latency"))
+    register_plan(commands.add_parser("plan", help="simulate colocated vs disaggregated serving at any scale"))
     register_nats_config(commands.add_parser("nats-config", help="write a nats-server config and per-role credentials for an external NATS"))
     return parser
 
@@ -163,6 +193,10 @@ def _run(args: argparse.Namespace) -> int:
         from loadtest.cli import run as run_bench
 
         return run_bench(args)
+    if args.command == "plan":
+        from planner.cli import run as run_plan
+
+        return run_plan(args)
     if args.command == "nats-config":
         from services.nats_config import run as run_nats_config
 

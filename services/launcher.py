@@ -1,11 +1,13 @@
 """`pdserve up`: the whole stack as child processes of one command.
 
 Start order: nats-server (unless --nats), scheduler, workers, gateway. Ready means
-every worker has sent a heartbeat and the gateway accepts connections; then one line
-with the URL is printed. While serving, children that die are restarted (supervisor.py).
-SIGINT/SIGTERM stops the stack in order (gateway drains, workers, scheduler,
-nats-server); a second one kills every child at once. An interrupt during start-up
-stops whatever was started: a worker still loading exits at once on SIGTERM.
+every worker has sent a heartbeat and the gateway's /health answers 200; then one line
+with the URL is printed. Until then each service's progress is shown and a child that
+dies is named with the last lines of its log (services/startup_progress.py).
+While serving, children that die are restarted (services/supervisor.py). SIGINT/SIGTERM
+stops the stack in order (gateway drains, workers, scheduler, nats-server); a second one
+kills every child at once. An interrupt during start-up stops whatever was started: a
+worker still loading exits at once on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-
-import msgspec
+from pathlib import Path
 
 from services.scheduler.policy import Mode
 from services.stack_auth import StackAuth
+from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, readable, wait_until_ready
 from services.supervisor import Child, Stage, StackError, Supervisor
-from shared import processes, protocol
+from shared import processes
 from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
-from shared.protocol import Heartbeat
-from shared.runtime import close_nats, connect_nats
 from shared.stack_registry import record_stack
 from shared.subjects import Subjects
 
@@ -93,33 +94,6 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-async def _wait_for_workers(
-    nats_url: str, subjects: Subjects, worker_ids: set[str], supervisor: Supervisor, timeout: float, interrupted, options: dict
-) -> None:
-    nc = await connect_nats(nats_url, "pd-launcher", options=options)
-    seen: set[str] = set()
-    decoder = protocol.decoder(Heartbeat)
-
-    async def on_beat(msg) -> None:
-        try:
-            seen.add(decoder.decode(msg.data).worker_id)
-        except msgspec.DecodeError:
-            pass
-
-    await nc.subscribe(subjects.all_heartbeats, cb=on_beat)
-    deadline = time.monotonic() + timeout
-    try:
-        while not worker_ids <= seen:
-            supervisor.raise_if_any_died()
-            if interrupted():
-                raise StackError("interrupted before the stack was ready")
-            if time.monotonic() > deadline:
-                raise StackError(f"workers not ready after {timeout:.0f}s: {sorted(worker_ids - seen)}")
-            await asyncio.sleep(0.1)
-    finally:
-        await close_nats(nc)
-
-
 def run_stack(args: argparse.Namespace) -> int:
     try:
         mode = Mode.parse(args.mode)
@@ -144,19 +118,22 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         if not args.nats:
             nats = EmbeddedNats(config=auth.server_config)
-            supervisor.add(Child("nats-server", Stage.NATS, lambda: nats.start().process, captures_output=False))
+            supervisor.add(Child("nats-server", Stage.NATS, lambda: nats.start().process))
         nats_url = args.nats or nats.url
         subjects = Subjects(args.prefix)
         workers = _worker_plans(mode, args)
-        for child in _service_children(args, mode, nats_url, workers, auth):
+        logs = ServiceLogs(Path(tempfile.mkdtemp(prefix="pdserve-up-")))
+        for child in _service_children(args, mode, nats_url, workers, auth, logs):
             if signals.stop_requested:
                 raise StackError("interrupted before the stack was ready")
             supervisor.add(child)
-        worker_ids = {w.worker_id for w in workers}
-        admin_options = auth.connect_options(NatsRole.ADMIN)
-        asyncio.run(_wait_for_workers(nats_url, subjects, worker_ids, supervisor, READY_TIMEOUT_S, lambda: signals.stop_requested, admin_options))
-        gateway = supervisor.children[-1].proc
-        processes.wait_for_port(args.host, args.port, timeout=60.0, proc=gateway, interrupted=lambda: signals.stop_requested)
+        probe_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        ready = ReadyCheck(
+            nats_url, subjects, {w.worker_id for w in workers}, "gateway", f"http://{probe_host}:{args.port}/health",
+            READY_TIMEOUT_S, lambda: signals.stop_requested, auth.connect_options(NatsRole.ADMIN),
+        )
+        asyncio.run(wait_until_ready(ready, logs))
+        logs.serving()
         gateway_url = f"http://{args.host}:{args.port}/v1"
         state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
         if auth.generated_api_key:
@@ -165,7 +142,7 @@ def run_stack(args: argparse.Namespace) -> int:
         while not signals.stop_requested:
             supervisor.poll()
             time.sleep(SUPERVISE_POLL_S)
-    except (RuntimeError, OSError) as exc:  # StackError, a child that never listened, an interrupt
+    except (StackError, StartupError, RuntimeError, OSError) as exc:  # also a child that never started, an interrupt
         print(f"pdserve up: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
@@ -200,13 +177,15 @@ class _Signals:
         return self.count >= 2
 
 
-def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan], auth: StackAuth) -> list[Child]:
+def _service_children(
+    args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan], auth: StackAuth, logs: ServiceLogs
+) -> list[Child]:
     """Scheduler, workers, gateway: in start order, each with its role's secrets in its environment."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
     common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
     common += auth.nats.tls_flags()
-    children = [_child("scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value], auth.child_env(NatsRole.SCHEDULER))]
+    children = [_child("scheduler", "scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value], auth, logs)]
     for worker in workers:
         command = (
             base
@@ -219,18 +198,29 @@ def _service_children(args: argparse.Namespace, mode: Mode, nats_url: str, worke
             + ["--max-num-seqs", str(args.max_num_seqs)]
             + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
-        children.append(_child(f"worker {worker.worker_id}", Stage.WORKERS, command, auth.child_env(NatsRole.WORKER)))
+        children.append(_child(f"worker {worker.worker_id}", worker.worker_id, Stage.WORKERS, command, auth, logs))
     gateway = (
         base
         + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
         + ["--max-concurrent-requests", str(args.max_concurrent_requests), "--migration-limit", str(args.migration_limit)]
+        + ["--generation-config", args.generation_config]
     )
-    children.append(_child("gateway", Stage.GATEWAY, gateway, auth.child_env(NatsRole.GATEWAY)))
+    children.append(_child("gateway", "gateway", Stage.GATEWAY, gateway, auth, logs))
     return children
 
 
-def _child(name: str, stage: Stage, command: list[str], env: dict[str, str]) -> Child:
-    def launch() -> subprocess.Popen:  # again on every restart: same command, same secrets
-        return processes.spawn(command, env=env, stderr=subprocess.PIPE)
+def _child(name: str, log_name: str, stage: Stage, command: list[str], auth: StackAuth, logs: ServiceLogs) -> Child:
+    """A supervised child whose output goes to `<run dir>/<log_name>.log`; the subcommand is its NATS role."""
+    env = auth.child_env(NatsRole(command[3]))
 
-    return Child(name, stage, launch)
+    def launch() -> subprocess.Popen:  # again on every restart: same command, same secrets, same log file
+        return logs.spawn(log_name, command, env=env)
+
+    def last_lines() -> str:
+        service = next((s for s in reversed(logs.services) if s.name == log_name), None)
+        if service is None:
+            return "    (nothing logged)"
+        lines = "\n".join(f"    {readable(line)}" for line in service.tail) or "    (nothing logged)"
+        return f"    ({service.path})\n{lines}"
+
+    return Child(name, stage, launch, last_lines)

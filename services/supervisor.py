@@ -1,8 +1,8 @@
 """`pdserve up`'s children: started, watched, restarted with backoff, stopped in order.
 
 Each child is named for the user ("worker decode-1", "gateway", "scheduler",
-"nats-server") and every message says which. Its stderr passes through to ours, and its
-last lines are kept to say why it died.
+"nats-server") and every message says which, with the last lines of its log when it
+dies (the launcher's ServiceLogs keep them: services/startup_progress.py).
 
 While serving (restarts.py decides when):
 - a worker that dies is restarted after a backoff; after repeated crashes it is left
@@ -26,16 +26,12 @@ import enum
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
 
 from services.restarts import CrashHistory, RestartPolicy, describe_exit
 
-TAIL_LINES = 20
 POLL_S = 0.05
 STOP_GRACE_S = 10.0  # beyond the drain timeout: a service's own stop steps (each bounded)
 
@@ -53,39 +49,16 @@ class Stage(enum.IntEnum):
     NATS = 3
 
 
-class LogTail:
-    """Copies a child's output to ours line by line, keeping the last few lines."""
-
-    def __init__(self, lines: int = TAIL_LINES):
-        self.lines: deque[str] = deque(maxlen=lines)
-
-    def follow(self, pipe: IO[bytes], sink: IO[bytes]) -> None:
-        threading.Thread(target=self._copy, args=(pipe, sink), daemon=True, name="log-tail").start()
-
-    def _copy(self, pipe: IO[bytes], sink: IO[bytes]) -> None:
-        for line in pipe:
-            self.lines.append(line.decode(errors="replace").rstrip())
-            try:
-                sink.write(line)
-                sink.flush()
-            except (OSError, ValueError):
-                pass  # our stderr is gone: keep the tail anyway
-
-    def text(self) -> str:
-        return "\n".join(f"    {line}" for line in self.lines) or "    (no output)"
-
-
 @dataclass
 class Child:
     name: str
     stage: Stage
     launch: Callable[[], subprocess.Popen]
-    captures_output: bool = True  # False when `launch` sends the output elsewhere itself
+    last_lines: Callable[[], str] = lambda: "    (no log kept)"  # its log's tail, indented, for messages
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     proc: subprocess.Popen | None = None
     restart_at: float | None = None
     retired: bool = False  # given up on, or drained on purpose: not restarted
-    tail: LogTail = field(default_factory=LogTail)
 
     def __post_init__(self) -> None:
         self.history = CrashHistory(self.policy)
@@ -98,11 +71,9 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, sink: IO[bytes]) -> None:
+    def start(self) -> None:
         self.proc = self.launch()
         self.restart_at = None
-        if self.captures_output and self.proc.stderr is not None:
-            self.tail.follow(self.proc.stderr, sink)
 
 
 def report(message: str) -> None:
@@ -114,19 +85,12 @@ class Supervisor:
         self.children: list[Child] = []
         self._clock = clock
         self._say = say
-        self._sink = sys.stderr.buffer
 
     def add(self, child: Child) -> Child:
         """Starts `child` and watches it from now on."""
-        child.start(self._sink)
+        child.start()
         self.children.append(child)
         return child
-
-    def raise_if_any_died(self) -> None:
-        """During start-up: any child that exited stops the stack."""
-        for child in self.children:
-            if child.proc is not None and child.proc.poll() is not None:
-                raise StackError(f"{child.name} {describe_exit(child.proc.returncode)} during start-up\n{child.tail.text()}")
 
     def poll(self) -> None:
         """Restarts children whose backoff is over and handles those that just exited."""
@@ -136,7 +100,7 @@ class Supervisor:
                 continue
             if child.proc is None:
                 if child.restart_at is not None and now >= child.restart_at:
-                    child.start(self._sink)
+                    child.start()
                     self._say(f"{child.name} restarted (pid {child.proc.pid})")
                 continue
             code = child.proc.poll()
@@ -156,7 +120,7 @@ class Supervisor:
             policy = child.policy
             message = (
                 f"{child.name} crashed {policy.max_crashes} times within {policy.window_s:.0f}s (last: {how}); not restarting it. "
-                f"Its last log lines:\n{child.tail.text()}"
+                f"Its last log lines:\n{child.last_lines()}"
             )
             if child.essential:
                 raise StackError(f"{message}\nthe stack cannot serve without the {child.name}; stopping it")

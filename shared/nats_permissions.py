@@ -7,8 +7,8 @@ answering a request needs no publish right (`allow_responses`).
 
 | role      | publishes                                              | subscribes |
 |-----------|--------------------------------------------------------|------------|
-| gateway   | place requests, prefill jobs, cancels                   | token streams, worker-down events, its admin endpoints |
-| scheduler | worker-down events                                      | place requests, heartbeats, its admin endpoints |
+| gateway   | place requests, readiness checks, prefill jobs, cancels | token streams, worker-down events, its admin endpoints |
+| scheduler | worker-down events                                      | place requests, readiness checks, heartbeats, its admin endpoints |
 | worker    | heartbeats, token streams, decode jobs (hand-offs), place requests (another decoder) | its jobs and cancels, heartbeats, its admin endpoints |
 | admin     | admin endpoint calls, `$SRV` discovery                  | heartbeats, worker-down events (readiness, watching) |
 
@@ -62,14 +62,14 @@ def role_permissions(subjects: Subjects, role: NatsRole) -> Permissions:
     all_streams = subjects.stream(">")
     if role is NatsRole.GATEWAY:
         return Permissions(
-            publish=(subjects.place, subjects.worker_prefill(ANY), subjects.worker_cancel(ANY)),
+            publish=(subjects.place, subjects.ready, subjects.worker_prefill(ANY), subjects.worker_cancel(ANY)),
             subscribe=(all_streams, subjects.worker_down, inbox, *service),
             allow_responses=True,
         )
     if role is NatsRole.SCHEDULER:
         return Permissions(
             publish=(subjects.worker_down,),
-            subscribe=(subjects.place, subjects.all_heartbeats, inbox, *service),
+            subscribe=(subjects.place, subjects.ready, subjects.all_heartbeats, inbox, *service),
             allow_responses=True,
         )
     if role is NatsRole.WORKER:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -51,15 +51,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(
-    host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, interrupted: Callable[[], bool] = lambda: False
-) -> None:
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening")
-        if interrupted():
-            raise InterruptedError(f"interrupted while waiting for {host}:{port}")
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return

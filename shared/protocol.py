@@ -236,6 +236,7 @@ class Heartbeat(_Msg):
     handoff_bytes_per_s: float = 0.0
     metrics_port: int = 0
     layout: str = ""  # this worker's parallel layout, e.g. "tp=4,pp=1,ep=4"
+    dp_load: list[int] = []  # per attention-DP group: running + queued requests (dp > 1 only)
     incarnation: str = ""  # new on every start of the process, so a restart under the same id is seen
 
 
@@ -263,3 +264,22 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 def decoder(kind: type) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(kind)
+
+
+# -- Readiness (gateway /health -> any scheduler): can this model be served right now?
+
+
+class ReadinessRequest(_Msg):
+    model: str
+
+
+class Readiness(_Msg, tag=1):
+    ready: bool
+    mode: str  # the scheduler's placement mode, which decides the workers needed
+    missing: list[str] = []  # what is lacking, e.g. ["decode worker"]
+    prefill_workers: int = 0  # live, not draining, serving the model
+    decode_workers: int = 0
+    both_workers: int = 0
+
+
+ReadinessReply = Readiness | ServiceError

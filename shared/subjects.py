@@ -22,6 +22,11 @@ class Subjects:
     def place(self) -> str:
         return f"{self.prefix}.sched.place"
 
+    @property
+    def ready(self) -> str:
+        """Readiness checks (gateway /health): answered by one scheduler of the queue group."""
+        return f"{self.prefix}.sched.ready"
+
     def worker_prefill(self, worker_id: str) -> str:
         return f"{self.prefix}.worker.{worker_id}.prefill"
 

@@ -50,17 +50,26 @@ def test_compose_files_match_the_specification(files):
 
 def test_schema_rejects_a_broken_file():
     broken = load("docker-compose.yml")
-    broken["services"]["gateway"]["depends_on"]["nats"]["condition"] = "whenever"
+    broken["services"]["gateway"]["depends_on"]["nats-1"]["condition"] = "whenever"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, compose_schema(), cls=jsonschema.Draft201909Validator)
 
 
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
+
+
 def test_stack_shape():
     services = load("docker-compose.yml")["services"]
-    assert set(services) == {"nats", "scheduler", "gateway", "prefill", "decode"}
-    assert "-js" in services["nats"]["command"] and "healthcheck" in services["nats"]
+    assert set(services) == {*NATS_NODES, "scheduler", "gateway", "prefill", "decode"}
+    for node in NATS_NODES:  # a three-node cluster: each routes to the other two
+        command = services[node]["command"]
+        routes = command[command.index("--routes") + 1].split(",")
+        assert sorted(routes) == sorted(f"nats://{other}:6222" for other in NATS_NODES if other != node)
+        assert "healthcheck" in services[node]
     for name in ("scheduler", "gateway", "prefill", "decode"):
-        assert services[name]["depends_on"]["nats"]["condition"] == "service_healthy"
+        assert {node: dep["condition"] for node, dep in services[name]["depends_on"].items()} == dict.fromkeys(NATS_NODES, "service_healthy")
+        assert services[name]["environment"]["PDSERVE_NATS"] == ",".join(f"nats://{node}:4222" for node in NATS_NODES)
+    assert "/health" in services["gateway"]["healthcheck"]["test"][-1]  # healthy means ready to serve
     for scalable in ("prefill", "decode"):  # `--scale` needs no fixed name or host port
         assert "container_name" not in services[scalable] and "ports" not in services[scalable]
     gpu = load("docker-compose.gpu.yml")["services"]
@@ -69,11 +78,11 @@ def test_stack_shape():
         assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_every_service_command_parses():
-    parser = build_parser()
+def test_every_service_command_parses(monkeypatch):
     for name, service in load("docker-compose.yml")["services"].items():
-        if name != "nats":
-            parser.parse_args(service["command"])
+        if name not in NATS_NODES:
+            monkeypatch.setenv("PDSERVE_NATS", service["environment"]["PDSERVE_NATS"])  # as the container sees it
+            assert build_parser().parse_args(service["command"]).nats.count("nats://") == 3
 
 
 def test_compose_is_secured_like_pdserve_up():
@@ -85,9 +94,10 @@ def test_compose_is_secured_like_pdserve_up():
     document = load("docker-compose.yml")
     written = CredentialsDir(Path("nats-auth"))  # what `pdserve nats-config --out compose/nats-auth` writes
     assert document["configs"]["nats-server"]["file"] == f"./{written.server_config_path}"
-    nats = document["services"]["nats"]
-    config_target = nats["configs"][0]["target"]
-    assert nats["command"][-2:] == ["-c", config_target] and nats["configs"][0]["source"] == "nats-server"
+    for node in NATS_NODES:  # every node of the cluster admits the same users
+        nats = document["services"][node]
+        config_target = nats["configs"][0]["target"]
+        assert nats["command"][-2:] == ["-c", config_target] and nats["configs"][0]["source"] == "nats-server"
     roles = {"scheduler": NatsRole.SCHEDULER, "gateway": NatsRole.GATEWAY, "prefill": NatsRole.WORKER, "decode": NatsRole.WORKER}
     for name, role in roles.items():
         service = document["services"][name]

@@ -80,7 +80,7 @@ async def test_a_failed_step_reaches_the_failure_sink_and_the_loop_goes_on(tiny)
     engine = Engine(tiny, kv_cache_tokens=2048)
     recorder = Recorder()
     loop = EngineLoop(engine, recorder.sink, recorder.on_failure, recorder.on_step)
-    forward = engine.model
+    forward = engine.runner.model  # every rank's forward runs through its step runner
     calls = 0
 
     def failing_once(*args):
@@ -90,7 +90,7 @@ async def test_a_failed_step_reaches_the_failure_sink_and_the_loop_goes_on(tiny)
             raise RuntimeError("simulated kernel fault")
         return forward(*args)
 
-    engine.model = failing_once
+    engine.runner.model = failing_once
     engine.add_request("doomed", [1, 2, 3], GREEDY)
     await run_until_done(loop, recorder, 1)
     assert "doomed" in recorder.failed and "simulated kernel fault" in recorder.failed["doomed"]

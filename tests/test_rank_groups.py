@@ -213,3 +213,121 @@ async def test_mismatched_kv_dtype_is_refused_by_name_and_nothing_is_held(deploy
     assert status == 503  # the only decoder cannot take this KV: unavailable, not a server bug
     assert "dtype" in reply["error"]["message"]
     assert not any(r["kv_blocks_used"] or r["requests"] for r in rows)  # nothing written or held anywhere
+
+
+def resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """Layers big enough that their weights dominate a process's memory (134 MB in float32)."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("wide")
+    config = LlamaConfig(**_COMMON, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+    write_checkpoint(folder, config, tokenizer=True)
+    return str(folder), config
+
+
+def test_each_rank_holds_only_its_share_of_the_layers(wide_model, nats_server):
+    """Resident memory measured from the processes: a tp=2 rank holds half the layer weights of a tp=1 worker."""
+    from shared.engine.prepack import packing_available
+
+    folder, config = wide_model
+    workers = {}
+    for tp in (1, 2):
+        workers[tp] = processes.spawn(
+            cli("worker", "--nats", nats_server.url, "--model", folder, "--role", "prefill", "--worker-id", f"mem-tp{tp}",
+                "--layout", f"tp={tp}", "--kv-cache-tokens", "256")
+        )
+    try:
+        deadline = time.monotonic() + 180
+        seen = set()
+        while seen != {"mem-tp1", "mem-tp2"}:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in workers.values())
+            seen = {s["instance"] for s in admin(nats_server.url, "status")["services"] if s["kind"] == "worker"}
+            time.sleep(0.5)
+        whole = resident_bytes(workers[1].pid)
+        ranks = [resident_bytes(pid) for pid in rank_processes(workers[2])]
+    finally:
+        processes.stop(list(workers.values()))
+    assert len(ranks) == 2
+    # The layers' float32 weights, from the checkpoint's config (not from our code): q, k, v, o and the MLP.
+    h, i = config.hidden_size, config.intermediate_size
+    layer_bytes = config.num_hidden_layers * (4 * h * h + 3 * h * i) * 4
+    copies = 2 if packing_available() else 1  # the engine's packed twin keeps a second, reordered copy of each linear
+    expected_drop = layer_bytes * copies / 2
+    for rank_bytes in ranks:
+        drop = whole - rank_bytes
+        assert 0.75 * expected_drop < drop < 1.25 * expected_drop, (whole, ranks, expected_drop)
+
+
+def _stream_until_killed(deployment: Deployment, victim: int) -> tuple[float, str, list[str]]:
+    """Streams a long request; after a few tokens SIGKILLs `victim`. Returns (seconds from the kill to the
+    stream's end, how it ended, the events)."""
+    room = 256 - len(PROMPTS[1])  # the test checkpoints' context is 256 tokens
+    body = {"model": deployment.model, "prompt": PROMPTS[1], "max_tokens": room, "temperature": 0, "ignore_eos": True, "stream": True}
+    killed_at, events = None, []
+    with socket.create_connection(("127.0.0.1", deployment.port), timeout=60) as sock:
+        payload = json.dumps(body).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        stream = sock.makefile("rb")
+        status = stream.readline().decode()
+        assert " 200 " in status, status
+        for raw in stream:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
+            if killed_at is None and len(events) >= 5:
+                os.kill(victim, signal.SIGKILL)
+                killed_at = time.monotonic()
+            if line == "data: [DONE]":
+                break
+    assert killed_at is not None, "the stream ended before the kill"
+    last = events[-2] if len(events) >= 2 else ""
+    return time.monotonic() - killed_at, last, events
+
+
+def test_a_killed_rank_ends_its_requests_fast_and_the_group_leaves_no_process(deployments):
+    deployment = deployments["two-kv"]
+    procs = deployment.start_workers(("p-kill", "prefill", "", 16), ("d-kill", "decode", "tp=2", 16))
+    decode_ranks = rank_processes(procs[1])
+    assert len(decode_ranks) == 2
+    try:
+        seconds, last, _ = _stream_until_killed(deployment, victim=decode_ranks[1])  # a follower, mid-stream
+        assert seconds < 15, seconds  # answered, not left waiting for the stall timeout
+        assert '"error"' in last or '"finish_reason":"length"' in last  # an error event (or a migrated completion)
+        assert procs[1].wait(timeout=60) != 0  # the group's leader saw it and stopped serving
+        assert not any(alive(pid) for pid in decode_ranks)  # no orphan rank
+    finally:
+        deployment.retire([procs[0]], ["p-kill"])
+
+
+def test_group_set_up_fails_with_a_message_instead_of_hanging(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    base = cli("worker", "--nats", "nats://127.0.0.1:1", "--model", "tiny-llama", "--role", "prefill", "--layout", "tp=2",
+               "--dist-timeout", "4")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    try:
+        port_taken = subprocess.run(base, env={**env, "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert port_taken.returncode != 0
+    assert "rank group set-up failed" in port_taken.stderr and f"127.0.0.1:{port}" in port_taken.stderr
+    started = time.monotonic()
+    lonely = subprocess.run(base, env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=60)
+    assert lonely.returncode != 0 and time.monotonic() - started < 40
+    assert "timed out" in lonely.stderr and "1/2" in lonely.stderr  # one of two ranks joined
+    mismatch = subprocess.run(base, env={**env, "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3"}, capture_output=True, text=True, timeout=60)
+    assert mismatch.returncode != 0 and "WORLD_SIZE=3" in mismatch.stderr and "2 ranks" in mismatch.stderr

@@ -71,3 +71,12 @@ async def test_greedy_matches_transformers_and_colocated(stacks, prompt):
     expected = hf_greedy_tokens(prompt_ids, NUM_TOKENS)
     assert disagg_ids == expected
     assert colocated_ids == expected
+
+
+async def test_readme_request_answers_sensibly_with_the_models_defaults(stacks):
+    """The README's first curl sets no temperature: the model's defaults apply (greedy), not OpenAI's 1.0."""
+    body = {"model": MODEL, "max_tokens": 32, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{stacks['disagg'].base_url}/chat/completions", json=body) as response:
+            answer = (await response.json())["choices"][0]["message"]["content"]
+    assert answer == "The capital of France is Paris."

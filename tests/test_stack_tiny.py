@@ -48,7 +48,11 @@ async def test_models_and_health(stack):
         async with session.get(f"{stack.base_url}/models") as response:
             models = await response.json()
         async with session.get(f"{stack.root_url}/health") as response:
+            assert response.status == 200  # `pdserve up` printed its ready line only once it was
+            health = await response.json()
+        async with session.get(f"{stack.root_url}/live") as response:
             assert response.status == 200
+    assert health["status"] == "ready" and health["workers"] == {"prefill": 1, "decode": 1, "both": 0}
     assert [m["id"] for m in models["data"]] == [MODEL]
 
 

@@ -1,5 +1,6 @@
 """No worker (or no scheduler) alive: a prompt 503, never a hang."""
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -66,3 +67,36 @@ async def test_no_worker_is_503_at_once(gateway, nats_server):
     assert status == 503
     assert "worker" in body["error"]["message"]
     assert elapsed < 1.0
+
+
+async def health(gateway_url: str) -> tuple[int, dict]:
+    root = gateway_url.removesuffix("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{root}/health") as response:
+            return response.status, await response.json()
+
+
+async def test_health_is_503_until_a_worker_path_is_alive_then_200(gateway, nats_server):
+    root = gateway.removesuffix("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{root}/live") as response:
+            assert response.status == 200  # the process is up, whatever else is missing
+    status, body = await health(gateway)
+    assert (status, body["missing"]) == (503, ["scheduler"])
+    scheduler = start_service("scheduler", "--nats", nats_server.url, "--mode", "colocated")
+    worker = None
+    try:
+        await wait_for_scheduler(nats_server.url)
+        await asyncio.sleep(1.1)  # past the cached answer
+        status, body = await health(gateway)
+        assert (status, body["missing"]) == (503, ["colocated (role=both) worker"])
+        assert "tiny-llama" in body["detail"]
+        worker = start_service("worker", "--nats", nats_server.url, "--role", "both", "--model", "tiny-llama", "--threads", "1")
+        deadline = time.monotonic() + 90
+        while (status := (await health(gateway))[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            await asyncio.sleep(0.3)
+        status, body, _ = await timed_post(gateway)
+        assert status == 200  # ready means a request is served
+    finally:
+        processes.stop([p for p in (worker, scheduler) if p is not None])

@@ -90,8 +90,9 @@ class DecodeHandler:
         ctx.metrics.labels(ctx.metrics.kv_transfer_seconds, direction="received").observe(stats.seconds)
         request.kv_transfer = stats
         reserved = job.num_prompt_tokens + job.sampling.max_tokens
+        group = job.offer.dst_dp_group  # the DP group whose ranks received the KV
         while True:
-            if not await self._wait_for_room(job.request_id, reserved):
+            if not await self._wait_for_room(job.request_id, reserved, group):
                 return  # released (cancelled) while waiting for room
             placing_started = time.perf_counter()
             try:
@@ -116,17 +117,18 @@ class DecodeHandler:
             return
         engine = self.ctx.engine_loop.engine
         engine.add_prefilled_with(
-            job.request_id, job.num_prompt_tokens, job.first_token, engine_sampling(job.sampling), pulled.write_into
+            job.request_id, job.num_prompt_tokens, job.first_token, engine_sampling(job.sampling), pulled.write_into,
+            dp_group=job.offer.dst_dp_group,
         )
 
-    async def _wait_for_room(self, request_id: str, num_tokens: int) -> bool:
+    async def _wait_for_room(self, request_id: str, num_tokens: int, dp_group: int) -> bool:
         """Waits (in the worker's bounded queue) until the cache can take the request; False if it was released.
 
         Blocks free as running requests finish, so this never waits on itself; the queue
         bound (`max_waiting`) keeps it finite.
         """
         engine = self.ctx.engine_loop.engine
-        while not engine.can_admit(num_tokens):
+        while not engine.can_admit(num_tokens, dp_group):
             if request_id not in self.ctx.requests:
                 return False
             await asyncio.sleep(KV_ROOM_POLL_S)

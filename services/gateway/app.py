@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP front: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""The OpenAI-compatible HTTP front: /v1/chat/completions, /v1/completions, /v1/models,
+/health (ready to serve: services/gateway/readiness.py) and /live (the process is up).
 
 Tokenization and the chat template run here, so workers only ever see token ids.
 """
@@ -20,12 +21,14 @@ from services.gateway.dispatcher import Dispatcher
 from services.gateway.json_body import MAX_BODY_BYTES, read_json
 from services.gateway.logprobs import LogprobFormatter
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.readiness import ReadinessProbe
 from services.gateway.stop_strings import StopStrings
 from services.gateway.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
 )
+from shared.engine.generation_defaults import NO_DEFAULTS, GenerationDefaults, choose_sampling
 from shared.engine.tokenizer import ChatTokenizer
 from shared.protocol import FinishReason, Sampling
 
@@ -93,10 +96,19 @@ def api_key_middleware(keys: ApiKeys):
 
 class Gateway:
     def __init__(
-        self, model_name: str, tokenizer: ChatTokenizer, dispatcher: Dispatcher, limits: GatewayLimits, api_keys: ApiKeys = ApiKeys([])
+        self,
+        model_name: str,
+        tokenizer: ChatTokenizer,
+        dispatcher: Dispatcher,
+        limits: GatewayLimits,
+        api_keys: ApiKeys,
+        readiness: ReadinessProbe,
+        generation: GenerationDefaults = NO_DEFAULTS,
     ):
         self.model_name = model_name
         self.api_keys = api_keys
+        self.readiness = readiness
+        self.generation = generation  # the model's recommended sampling, for what a request leaves unset
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
         self.limits = limits
@@ -113,6 +125,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/live", self.live)
         app.router.add_get("/metrics", self.prometheus)
         return app
 
@@ -124,9 +137,13 @@ class Gateway:
         return self.dispatcher.interrupt(request_id)
 
     async def health(self, _: web.Request) -> web.Response:
-        if self.draining:
+        if self.draining:  # shutting down: load balancers move away now, before the port closes
             return web.json_response({"status": "draining", "model": self.model_name}, status=503)
-        return web.json_response({"status": "ok", "model": self.model_name})
+        report = await self.readiness.report()
+        return web.json_response(report.body, status=report.status)
+
+    async def live(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "model": self.model_name})
 
     async def models(self, _: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "pdserve"}
@@ -164,24 +181,25 @@ class Gateway:
             raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if max_tokens > room:
             raise RequestError(400, f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context of {self.limits.max_model_len}", param="max_tokens")
-        if body.temperature < 0:
+        chosen = choose_sampling(body.temperature, body.top_p, body.top_k, self.generation)
+        if chosen.temperature < 0:
             raise RequestError(400, "temperature must be >= 0", param="temperature")
-        if not 0 < body.top_p <= 1:
+        if not 0 < chosen.top_p <= 1:
             raise RequestError(400, "top_p must be in (0, 1]", param="top_p")
-        if body.top_k < 0:
+        if chosen.top_k < 0:
             raise RequestError(400, "top_k must be >= 0", param="top_k")
-        if body.top_k > MAX_WIRE_INT:
+        if chosen.top_k > MAX_WIRE_INT:
             raise RequestError(400, f"top_k must be at most {MAX_WIRE_INT}", param="top_k")
         if body.seed is not None and not 0 <= body.seed <= MAX_WIRE_INT:
             raise RequestError(400, f"seed must be between 0 and {MAX_WIRE_INT}", param="seed")
         check_token_ids(body.stop_token_ids, self.limits.vocab_size, "stop_token_ids")
         return Sampling(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
+            temperature=chosen.temperature,
+            top_p=chosen.top_p,
+            top_k=chosen.top_k,
             # Pinned here when sampling without one, so a migrated request keeps drawing from the same seed.
-            seed=body.seed if body.seed is not None or body.temperature == 0 else secrets.randbits(63),
+            seed=body.seed if body.seed is not None or chosen.temperature == 0 else secrets.randbits(63),
             ignore_eos=body.ignore_eos,
             stop_token_ids=list(body.stop_token_ids),
             logprobs=body.requested_logprobs(),

@@ -10,9 +10,11 @@ from aiohttp import web
 from services.gateway.app import Gateway, GatewayLimits
 from services.gateway.auth import ApiKeys, configured_keys
 from services.gateway.dispatcher import Dispatcher
+from services.gateway.readiness import ReadinessProbe
 from services.gateway.shutdown import drain
 from shared.admin import AdminError, start_admin
-from shared.engine.loader import load_model_config
+from shared.engine.generation_defaults import NO_DEFAULTS
+from shared.engine.loader import load_generation_defaults, load_model_config
 from shared.engine.tokenizer import load_tokenizer
 from shared.log import configure_logging
 from shared.nats_auth import connect_options_for
@@ -53,7 +55,8 @@ async def run(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         vocab_size=config.vocab_size,
     )
-    gateway = Gateway(args.model, tokenizer, dispatcher, limits, api_keys)
+    generation = load_generation_defaults(args.model) if args.generation_config == "model" else NO_DEFAULTS
+    gateway = Gateway(args.model, tokenizer, dispatcher, limits, api_keys, ReadinessProbe(nc, subjects, args.model), generation)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # cancels the request on the workers (see Dispatcher).
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
@@ -66,7 +69,7 @@ async def run(args: argparse.Namespace) -> int:
     # Until here a signal ends the process at once (nothing to drain yet); from now on it drains.
     stop = stop_event_on_signals()
     auth = "api key required" if api_keys.required else "open: no --api-key or PDSERVE_API_KEY, anyone who reaches the port may use it"
-    log.info("gateway_started", url=url, model=args.model, instance=instance_id, auth=auth)
+    log.info("gateway_started", url=url, model=args.model, instance=instance_id, auth=auth, sampling_defaults=generation.to_json())
     await stop.wait()
     log.info("gateway_stopping")
     await drain(gateway, args.drain_timeout)

@@ -28,9 +28,10 @@ class StreamOptions(msgspec.Struct):
 class _Common(msgspec.Struct, kw_only=True):
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    # None: unset, so the model's recommended value applies (shared/engine/generation_defaults.py)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -76,9 +76,16 @@ class PrefillHandler:
             )
         )
         self._jobs[job.request_id] = job
-        # Ack before queueing: the engine thread may be inside a long prefill step, and the
-        # gateway must not wait on it to learn the job was taken.
+        # Ack before queueing, and queue in a task of its own: the engine thread may be inside a
+        # long step, and neither this gateway nor the next job (NATS runs a subscription's
+        # callbacks one at a time) may wait on it.
         await msg.respond(protocol.encode(JobAccepted(ctx.worker_id)))
+        task = asyncio.create_task(self._queue_on_engine(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _queue_on_engine(self, job: PrefillJob) -> None:
+        ctx = self.ctx
         try:
             await ctx.engine_loop.call(self._queue, job)
         except Exception as exc:  # refused by the engine (ids out of range, beyond the context, queue full)
@@ -109,8 +116,11 @@ class PrefillHandler:
         if job.request_id not in self.ctx.requests:
             return
         engine = self.ctx.engine_loop.engine
-        add = engine.add_handoff_request if job.path is Path.DISAGG else engine.add_request
-        add(job.request_id, job.prompt_ids, engine_sampling(job.sampling))
+        if job.path is Path.DISAGG:
+            engine.add_handoff_request(job.request_id, job.prompt_ids, engine_sampling(job.sampling))
+        else:  # decoded here: in the DP group the scheduler chose (the least loaded)
+            group = job.decode_dp_group if job.decode_dp_group < engine.dp else None
+            engine.add_request(job.request_id, job.prompt_ids, engine_sampling(job.sampling), dp_group=group)
 
     def forget(self, request_id: str) -> None:
         """The request ended: the job's details are not needed any more."""
@@ -213,6 +223,3 @@ class PrefillHandler:
             return None
         return placement if isinstance(placement, Placement) else None
 
-    @property
-    def num_handoffs_in_flight(self) -> int:
-        return len(self._tasks)

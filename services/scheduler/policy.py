@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from services.scheduler.registry import WorkerLoad
-from shared.layouts import parse_layout
 from shared.protocol import ErrorCode, Path, PlaceRequest, Placement, Role, ServiceError
 
 
@@ -96,11 +95,12 @@ def _least_loaded_decode(workers: Sequence[WorkerLoad]) -> WorkerLoad:
 
 
 def _decode_dp_group(decode: WorkerLoad) -> int:
-    """Which attention-DP group of the decoder takes the request: rotate with its load count
-    (a request lives in one group; a layout without dp has just group 0)."""
-    layout = parse_layout(decode.beat.layout, "decode") if decode.beat.layout else None
-    dp = layout.dp if layout is not None else 1
-    return decode.running % dp
+    """Which attention-DP group of the decoder takes the request: the least loaded one (its
+    heartbeat's per-group load plus what was placed since); a layout without dp has just group 0."""
+    loads = decode.beat.dp_load
+    if not loads:
+        return 0
+    return min(range(len(loads)), key=lambda d: (loads[d] + decode.placed_by_group.get(d, 0), d))
 
 
 def _placement(request: PlaceRequest, path: Path, prefill: WorkerLoad, decode: WorkerLoad) -> Placement:
@@ -195,3 +195,5 @@ def record_placement(placement: Placement, request: PlaceRequest, workers: dict[
         prefill.placed_waiting += 1
     if (decode := workers.get(placement.decode_worker)) is not None:
         decode.placed_decodes += 1
+        group = placement.decode_dp_group
+        decode.placed_by_group[group] = decode.placed_by_group.get(group, 0) + 1

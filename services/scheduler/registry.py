@@ -7,7 +7,7 @@ incarnation means the old process died and was restarted, so the old one is down
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.protocol import Heartbeat
 
@@ -24,6 +24,7 @@ class WorkerLoad:
     placed_prefill_tokens: int = 0
     placed_decodes: int = 0
     placed_waiting: int = 0
+    placed_by_group: dict[int, int] = field(default_factory=dict)  # decodes placed per attention-DP group
 
     @property
     def worker_id(self) -> str:

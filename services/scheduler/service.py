@@ -21,16 +21,18 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from services.scheduler.policy import Policy, place, record_placement
+from services.scheduler.readiness import readiness
 from services.scheduler.registry import LostWorker, WorkerLoad, WorkerRegistry
 from shared import protocol
 from shared.admin import AdminError, start_admin
-from shared.protocol import ErrorCode, Heartbeat, PlaceRequest, Placement, ServiceError, WorkerDown
+from shared.protocol import ErrorCode, Heartbeat, PlaceRequest, Placement, ReadinessRequest, ServiceError, WorkerDown
 from shared.subjects import PLACE_QUEUE_GROUP, Subjects
 
 log = structlog.get_logger()
 
 _heartbeat_decoder = protocol.decoder(Heartbeat)
 _place_decoder = protocol.decoder(PlaceRequest)
+_ready_decoder = protocol.decoder(ReadinessRequest)
 
 SWEEP_INTERVAL_S = 0.25
 
@@ -73,6 +75,7 @@ class SchedulerService:
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat),
             await self.nc.subscribe(self.subjects.place, queue=PLACE_QUEUE_GROUP, cb=self._on_place),
+            await self.nc.subscribe(self.subjects.ready, queue=PLACE_QUEUE_GROUP, cb=self._on_ready),
         ]
         self._admin = await start_admin(
             self.nc, self.subjects, "scheduler", self.instance_id, {"status": self._status, "policy": self._policy}
@@ -145,6 +148,14 @@ class SchedulerService:
         else:
             log.warning("placement_failed", request_id=request.request_id, reason=result.message)
         await msg.respond(protocol.encode(result))
+
+    async def _on_ready(self, msg) -> None:
+        try:
+            model = _ready_decoder.decode(msg.data).model
+        except msgspec.DecodeError as exc:
+            await msg.respond(protocol.encode(ServiceError(ErrorCode.BAD_REQUEST, f"malformed readiness request: {exc}")))
+            return
+        await msg.respond(protocol.encode(readiness(model, self.registry.alive(), self.policy.mode)))
 
     async def _status(self, _: dict) -> dict:
         now = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import uuid
 
 import torch
@@ -13,6 +12,7 @@ from services.worker.handoff import parse_worker_layout
 from services.worker.service import WorkerService
 from shared.engine.dtypes import default_dtype, parse_dtype
 from shared.engine.engine import Engine, SchedulingConfig
+from shared.engine import load_progress
 from shared.engine.loader import load_model
 from shared.log import configure_logging
 from shared.nats_auth import connect_options_for
@@ -32,6 +32,7 @@ from shared.ranks.reports import ReportBoard, describe_rank, publish_info, read_
 from shared.ranks.setup import RankSetup
 from shared.session import InProcessGroup, RankTransfer, UcxKvTransport
 from shared.subjects import Subjects
+from shared.transport.ucx_host import UcxHostError, keep_ucx_on, resolve_ucx_host
 from shared.transport.ucx_kv import KvReceiver, KvSender
 
 STOP_TIMEOUT_S = 15.0
@@ -43,11 +44,6 @@ STOP_TIMEOUT_S = 15.0
 DEFAULT_STEP_TOKENS = {Role.PREFILL: 2048, Role.DECODE: 512, Role.BOTH: 512}
 
 
-def resolve_ucx_host(value: str) -> str:
-    """`auto`: this host's address as its peers see it (a container's own IP under compose)."""
-    return socket.gethostbyname(socket.gethostname()) if value == "auto" else value
-
-
 async def run(args: argparse.Namespace) -> int:
     role = Role[args.role.upper()]
     worker_id = args.worker_id or f"{role.label}-{uuid.uuid4().hex[:8]}"
@@ -56,6 +52,12 @@ async def run(args: argparse.Namespace) -> int:
         layout = parse_worker_layout(role, args.layout)
     except ValueError as exc:
         raise SystemExit(f"pdserve {args.command}: --layout: {exc}") from None
+    try:
+        ucx_host = resolve_ucx_host(args.ucx_host)  # an address, an interface or auto (ucx_host.py)
+    except UcxHostError as exc:
+        raise SystemExit(f"pdserve {args.command}: {exc}") from None
+    keep_ucx_on(ucx_host)
+    args.ucx_host = ucx_host.address  # what every rank listens on and advertises
     group = RankSetup.for_layout(layout, args)
     # One thread per rank by default when a layout runs several ranks on one host: they share its cores.
     torch.set_num_threads(args.threads or (1 if layout.world > 1 else torch.get_num_threads()))
@@ -86,8 +88,9 @@ async def _build_rank(args, role: Role, layout, rank: int) -> tuple[Engine, Rank
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,  # the worker refuses first (429), so the engine's queue never overflows
     )
+    load_progress.report("preparing the engine (KV cache, kernels)")
     engine = Engine(loaded, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, kv_dtype=kv_dtype, scheduling=scheduling)
-    transport = UcxKvTransport(KvSender(), KvReceiver(resolve_ucx_host(args.ucx_host)))
+    transport = UcxKvTransport(KvSender(), KvReceiver(args.ucx_host))
     await transport.receiver.start()
     return engine, RankTransfer(rank, transport, cache=engine.kv_cache.hnd_views), device
 

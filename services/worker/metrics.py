@@ -39,6 +39,15 @@ class WorkerMetrics:
         self.kv_usage = Gauge("pdserve_worker_kv_usage_ratio", "Share of KV blocks in use", names, registry=self.registry)
         self.running = Gauge("pdserve_worker_running_requests", "Requests decoding", names, registry=self.registry)
         self.waiting = Gauge("pdserve_worker_waiting_requests", "Requests queued or in hand-off", names, registry=self.registry)
+        # Per rank of a multi-rank worker (rank 0 is the leader serving these metrics).
+        self.rank_ucx_bytes = Gauge(
+            "pdserve_worker_rank_ucx_bytes", "KV bytes a rank moved over its own UCX endpoint", names + ["rank", "direction"],
+            registry=self.registry,
+        )
+        self.rank_kv_blocks_used = Gauge(
+            "pdserve_worker_rank_kv_blocks_used", "KV pages in use in a rank's cache (its DP group's)", names + ["rank"],
+            registry=self.registry,
+        )
         self._labels = labels
 
     def labels(self, metric, **extra):

@@ -1,4 +1,4 @@
-"""The worker's request table: one object per request, and the one place every request ends.
+r"""The worker's request table: one object per request, and the one place every request ends.
 
 Life cycle on one worker (a request passes through the phases of its path only):
 

@@ -29,6 +29,7 @@ from shared import protocol
 from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
+from shared.engine.shard import ModelShard
 from shared.layouts import Layout
 from shared.protocol import CancelRequest, ErrorCode, Heartbeat, Role
 from shared.session import KvSessionEngine, RankGroup
@@ -37,6 +38,7 @@ from shared.subjects import Subjects
 log = structlog.get_logger()
 
 _cancel_decoder = protocol.decoder(CancelRequest)
+PROBE_TIMEOUT_S = 3.0  # admin status waits this long for the other ranks' answers
 _heartbeat_decoder = protocol.decoder(Heartbeat)
 
 
@@ -263,37 +265,50 @@ class WorkerService:
             "draining": beat.draining,
             "ended": dict(self.ctx.requests.ended),
             "metrics_port": self.metrics_port,
-            "ranks": self._rank_rows(beat),
+            "ranks": await self._rank_rows(),
+            **self._token_totals(),
         }
 
-    def _rank_rows(self, beat: Heartbeat) -> list[dict]:
-        """Every rank of this worker: where it runs and what it holds and moved (its KV pages are the leader's
-        block tables: every rank holds the same blocks, of its own layers and heads)."""
-        totals = getattr(self.group, "board", None)
+    async def _rank_rows(self) -> list[dict]:
+        """Every rank of this worker: where it runs, the KV pages of its DP group in use, what it holds
+        (block tables, sessions) and what it moved over UCX; the other ranks answer a probe."""
+        probe = getattr(self.group, "probe", None)
+        reports = await probe(PROBE_TIMEOUT_S) if probe is not None else {}
+        local = getattr(self.group, "local", None) or self.group.ranks[0]
         rows = []
         for info in self.ranks:
-            if info.rank == 0:
-                sent, received = self._local_totals()
-            else:
-                sent, received = totals.totals.get(info.rank, (0, 0)) if totals is not None else (0, 0)
-            rows.append({
+            group = ModelShard.of(self.ctx.layout, info.rank).dp_group
+            allocator = self.engine.schedulers[group].allocator
+            row = {
                 "rank": info.rank, "pid": info.pid, "host": info.host, "device": info.device,
-                "ucx": f"{info.ucx_host}:{info.ucx_port}",
-                "kv_blocks_used": beat.total_kv_blocks - beat.free_kv_blocks,
-                "ucx_bytes_sent": sent, "ucx_bytes_received": received,
-            })
+                "ucx": f"{info.ucx_host}:{info.ucx_port}", "dp_group": group,
+                "kv_blocks_used": allocator.num_blocks - allocator.num_free,
+            }
+            if info.rank == 0:
+                row |= {"ucx_bytes_sent": local.bytes_sent, "ucx_bytes_received": local.bytes_received,
+                        "block_tables": len(self.engine.runner.tables), "kv_sessions": local.num_sessions}
+            elif info.rank in reports:
+                report = reports[info.rank]
+                row |= {"ucx_bytes_sent": report.bytes_sent, "ucx_bytes_received": report.bytes_received,
+                        "block_tables": report.tables, "kv_sessions": report.sessions}
+            else:
+                row["error"] = "no answer to the probe"
+            rows.append(row)
         return rows
 
-    def _local_totals(self) -> tuple[int, int]:
-        local = getattr(self.group, "local", None) or self.group.ranks[0]
-        return local.bytes_sent, local.bytes_received
+    def _token_totals(self) -> dict:
+        """Counters `pdserve admin status --watch` turns into rates."""
+        registry = self.ctx.metrics.registry
+        labels = {"worker_id": self.ctx.worker_id, "role": self.ctx.role.label}
+        generated = registry.get_sample_value("pdserve_worker_generated_tokens_total", labels) or 0
+        prompt = registry.get_sample_value("pdserve_worker_prefill_tokens_total", labels) or 0
+        return {"generated_tokens_total": int(generated), "prompt_tokens_total": int(prompt)}
 
     async def _requests(self, _: dict) -> dict:
         """The request table: what each in-flight request is doing here and what it holds."""
-        scheduler = self.engine.scheduler
         rows = []
         for request in self.ctx.requests:
-            seq = scheduler.admitted.get(request.request_id)
+            seq = self.engine.sequence(request.request_id)
             rows.append({
                 "request_id": request.request_id,
                 "phase": request.phase.label,
@@ -302,8 +317,14 @@ class WorkerService:
                 "generated_tokens": request.num_generated,
                 "age_s": round(request.age_s, 3),
                 "kv_blocks": len(seq.block_table) if seq is not None else 0,
+                "ranks": self._ranks_holding(request.request_id),
             })
         return {"instance": self.ctx.worker_id, "ranks": self.group.world, "requests": rows}
+
+    def _ranks_holding(self, request_id: str) -> list[int]:
+        """The ranks whose caches hold (or will hold) the request's KV: its DP group's."""
+        group = self.engine.dp_group_of(request_id)
+        return self.ctx.layout.group_ranks(group if group is not None else 0)
 
     async def _drain(self, _: dict) -> dict:
         if not self.ctx.draining:
@@ -339,6 +360,7 @@ class WorkerService:
         metrics.labels(metrics.kv_usage).set(1 - engine.num_free_blocks / engine.num_blocks)
         metrics.labels(metrics.running).set(requests.running)
         metrics.labels(metrics.waiting).set(requests.waiting)
+        self._rank_metrics()
         leader = self.group.addresses()[0]  # the address prefill workers warm up a connection to
         return Heartbeat(
             worker_id=ctx.worker_id,
@@ -359,8 +381,25 @@ class WorkerService:
             handoff_bytes_per_s=ctx.rates.handoff_bytes_per_s,
             metrics_port=self.metrics_port,
             layout=ctx.layout.describe(),
+            dp_load=engine.dp_loads() if engine.dp > 1 else [],
             incarnation=self.incarnation,
         )
+
+    def _rank_metrics(self) -> None:
+        """Per-rank gauges from what the ranks last reported (rank 0's own counters are live)."""
+        metrics = self.ctx.metrics
+        board = getattr(self.group, "board", None)
+        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        for info in self.ranks:
+            if info.rank == 0:
+                sent, received = local.bytes_sent, local.bytes_received
+            else:
+                sent, received = board.totals.get(info.rank, (0, 0)) if board is not None else (0, 0)
+            rank = str(info.rank)
+            metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="sent").set(sent)
+            metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="received").set(received)
+            allocator = self.engine.schedulers[ModelShard.of(self.ctx.layout, info.rank).dp_group].allocator
+            metrics.labels(metrics.rank_kv_blocks_used, rank=rank).set(allocator.num_blocks - allocator.num_free)
 
     async def _beat(self) -> None:
         ctx = self.ctx

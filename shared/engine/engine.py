@@ -114,8 +114,13 @@ class Engine:
         self.channel: StepChannel | None = None
         self._tables_sent: set[str] = set()  # requests whose block table the ranks hold
         self._forget: list[str] = []  # ended since the last step: the ranks drop their tables
-        self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(scheduling or SchedulingConfig(), self.allocator, block_size)
+        # One scheduler (and page allocator) per attention-DP group: each group's ranks hold
+        # their own requests' KV; every step runs all groups together (shared/engine/runner.py).
+        self.dp = loaded.model.shard.dp
+        config = scheduling or SchedulingConfig()
+        self.schedulers = [Scheduler(config, BlockAllocator(num_blocks), block_size) for _ in range(self.dp)]
+        self.scheduler, self.allocator = self.schedulers[0], self.schedulers[0].allocator
+        self._group_of: dict[str, int] = {}  # request -> its DP group
         self.kv_holder = kv_holder
         self.last_step_prompt_tokens = 0  # prompt tokens the last step() ran: a worker's prefill rate
         self.last_step_started: list[str] = []  # requests whose prompt began in the last step() (just admitted)
@@ -128,7 +133,8 @@ class Engine:
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
+        """Pages of every DP group's cache together (each group has `kv_cache.num_blocks`)."""
+        return self.kv_cache.num_blocks * self.dp
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -136,12 +142,12 @@ class Engine:
 
     @property
     def max_tokens(self) -> int:
-        """Tokens the whole cache holds: the most one request (prompt + max_tokens) may reserve."""
-        return self.num_blocks * self.block_size
+        """Tokens one DP group's cache holds: the most one request (prompt + max_tokens) may reserve."""
+        return self.kv_cache.num_blocks * self.block_size
 
     @property
     def num_free_blocks(self) -> int:
-        return self.allocator.num_free
+        return sum(s.allocator.num_free for s in self.schedulers)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -152,17 +158,29 @@ class Engine:
     @property
     def num_sequences(self) -> int:
         """Requests holding KV here: running, finished but not yet freed (not the queued ones)."""
-        return len(self.scheduler.admitted)
+        return sum(len(s.admitted) for s in self.schedulers)
 
     @property
     def num_running(self) -> int:
         """Requests admitted and not finished: prefilling or decoding."""
-        return self.scheduler.num_running
+        return sum(s.num_running for s in self.schedulers)
 
     @property
     def num_waiting(self) -> int:
         """Requests queued by add_request / add_handoff_request, not admitted yet."""
-        return self.scheduler.num_waiting
+        return sum(s.num_waiting for s in self.schedulers)
+
+    def dp_loads(self) -> list[int]:
+        """Per DP group: its running and queued requests (where the next one should go)."""
+        return [s.num_running + s.num_waiting for s in self.schedulers]
+
+    def dp_group_of(self, request_id: str) -> int | None:
+        return self._group_of.get(request_id)
+
+    def sequence(self, request_id: str) -> Sequence | None:
+        """The request's sequence if it holds pages here (admin: its blocks), else None."""
+        group = self._group_of.get(request_id)
+        return None if group is None else self.schedulers[group].admitted.get(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -171,29 +189,31 @@ class Engine:
 
     def holds(self, request_id: str) -> bool:
         """Whether the request is here: queued, running, or finished and not yet freed."""
-        return self.scheduler.knows(request_id)
+        return any(s.knows(request_id) for s in self.schedulers)
 
     def fits_budget(self, num_tokens: int) -> bool:
         """Whether a request reserving `num_tokens` (prompt + max_tokens) could ever be admitted."""
         return self.scheduler.fits_budget(num_tokens)
 
-    def can_admit(self, num_tokens: int) -> bool:
-        """Whether a request reserving `num_tokens` (prompt + max_tokens) can be admitted now."""
-        return self.scheduler.can_admit(num_tokens)
+    def can_admit(self, num_tokens: int, dp_group: int | None = None) -> bool:
+        """Whether a request reserving `num_tokens` (prompt + max_tokens) can be admitted now (in `dp_group`, or any)."""
+        groups = self.schedulers if dp_group is None else [self.schedulers[dp_group]]
+        return any(s.can_admit(num_tokens) for s in groups)
 
     def can_queue(self) -> bool:
         """Whether add_request would find room in the waiting queue now."""
-        return self.scheduler.can_queue()
+        return any(s.can_queue() for s in self.schedulers)
 
     # -- commands: continuous batching -----------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, dp_group: int | None = None) -> None:
         """Queues a request to prefill and decode here; its tokens come out of step(), the first included.
 
+        `dp_group`: the attention-DP group that serves it (default: the least loaded).
         Raises KvCapacityError (can never fit), QueueFullError (queue at its bound), ValueError
         (bad ids, duplicate id, beyond the model's context). A queued request waits for pages.
         """
-        self.scheduler.add(self._new_sequence(request_id, prompt_ids, sampling, hand_off=False))
+        self._queue(self._new_sequence(request_id, prompt_ids, sampling, hand_off=False), dp_group)
 
     def add_handoff_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
         """Queues a prefill for another engine to decode (disaggregated serving).
@@ -201,7 +221,7 @@ class Engine:
         step() returns its first token with `kv`, the prompt's `[L, 2, P, H, D]` K/V, and
         releases it here at once; `kv` is None when the first token already finishes the request.
         """
-        self.scheduler.add(self._new_sequence(request_id, prompt_ids, sampling, hand_off=True))
+        self._queue(self._new_sequence(request_id, prompt_ids, sampling, hand_off=True), None)
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
@@ -210,19 +230,20 @@ class Engine:
         Admits queued requests as pages allow, runs prompt chunks within the token budget,
         and decodes every running sequence once.
         """
-        plan = self.scheduler.schedule()
-        self.last_step_prompt_tokens = sum(c.num_new for c in plan if c.seq.prefilling)
-        self.last_step_started = [c.seq.request_id for c in plan if c.seq.prefilling and c.seq.num_cached == 0]
-        if not plan:
+        plans = [s.schedule() for s in self.schedulers]  # one per DP group, run in the same pass
+        chunks = [chunk for plan in plans for chunk in plan]
+        self.last_step_prompt_tokens = sum(c.num_new for c in chunks if c.seq.prefilling)
+        self.last_step_started = [c.seq.request_id for c in chunks if c.seq.prefilling and c.seq.num_cached == 0]
+        if not chunks:
             return []
-        sampled = [chunk.seq for chunk in plan if chunk.completes_prompt]  # before the pass moves num_cached
+        sampled = [chunk.seq for chunk in chunks if chunk.completes_prompt]  # before the pass moves num_cached
         try:
-            logits = self._forward(plan)
+            logits = self._forward(plans)
             return self._append_all(sampled, logits)
         except Exception as exc:
-            failed = [chunk.seq.request_id for chunk in plan]
+            failed = [chunk.seq.request_id for chunk in chunks]
             for request_id in failed:
-                self.scheduler.free(request_id)
+                self.free(request_id)
             raise StepError(failed, exc) from exc
 
     # -- commands: one request at a time ----------------------------------------------------
@@ -234,17 +255,18 @@ class Engine:
         The sequence then decodes in step(). Raises KvCacheFullError when its pages are not free now.
         """
         seq = self._new_sequence(request_id, prompt_ids, sampling, hand_off=False)
-        self.scheduler.admit_now(seq)
+        group = self._choose_group(seq.num_reserved_tokens)
+        self._admit_now(seq, group)
         try:
             budget = self.scheduler.config.max_num_batched_tokens
             while True:
                 chunk = ScheduledChunk(seq, min(seq.num_prompt_tokens - seq.num_cached, budget))
                 last = chunk.completes_prompt
-                logits = self._forward([chunk])
+                logits = self._forward([[chunk] if g == group else [] for g in range(self.dp)])
                 if last:
                     return self._append_all([seq], logits)[0]
         except Exception:
-            self.scheduler.free(request_id)
+            self.free(request_id)
             raise
 
     def prefill_and_export(
@@ -275,7 +297,8 @@ class Engine:
     def keepalive(self) -> None:
         """While idle: lets the other ranks know the group is alive (no collective of theirs times out)."""
         if self.channel is not None:
-            self.channel.broadcast(Keepalive())
+            forget, self._forget = self._forget, []
+            self.channel.broadcast(Keepalive(forget))
 
     def add_prefilled(
         self,
@@ -309,21 +332,23 @@ class Engine:
         first_token: int,
         sampling: SamplingParams,
         write_kv: Callable[[list[int]], None],
+        dp_group: int = 0,
     ) -> None:
         """`add_prefilled` for KV that `write_kv(block_table)` writes straight into this engine's pages.
 
         The request's pages are reserved first; `write_kv` fills the prompt's slots of them
         (e.g. a re-shard scatter into `kv_cache.hnd_views()`). If it raises, the pages go
-        back and the error propagates: nothing of the request stays.
+        back and the error propagates: nothing of the request stays. `dp_group`: the DP group
+        whose ranks received the KV (the hand-off's destination group).
         """
         self._check_token_ids([first_token])
         seq = Sequence(request_id, [], num_prompt_tokens, RequestSampler(sampling))
         self._check_context(seq)
-        self.scheduler.admit_now(seq)
+        self._admit_now(seq, dp_group)
         try:
             write_kv(list(seq.block_table))
         except BaseException:
-            self.scheduler.free(request_id)
+            self.free(request_id)
             raise
         seq.num_cached = num_prompt_tokens
         # The first token was sampled on the prefill side as generated index 0; ours continue from 1.
@@ -331,7 +356,10 @@ class Engine:
 
     def free(self, request_id: str) -> None:
         """Releases the request (queued, running or finished) and its pages; unknown or freed ids are ignored."""
-        self.scheduler.free(request_id)
+        group = self._group_of.pop(request_id, None)
+        if group is not None:
+            self.schedulers[group].free(request_id)
+        self.runner.tables.pop(request_id, None)
         if request_id in self._tables_sent:
             self._tables_sent.discard(request_id)
             self._forget.append(request_id)
@@ -343,10 +371,28 @@ class Engine:
     # -- internals -------------------------------------------------------------------------
 
     def _get(self, request_id: str) -> Sequence:
-        try:
-            return self.scheduler.admitted[request_id]
-        except KeyError:
-            raise KeyError(f"no sequence {request_id!r} holds KV in this engine") from None
+        seq = self.sequence(request_id)
+        if seq is None:
+            raise KeyError(f"no sequence {request_id!r} holds KV in this engine")
+        return seq
+
+    def _choose_group(self, num_tokens: int) -> int:
+        """The least loaded DP group, preferring one that can admit the request now."""
+        loads = self.dp_loads()
+        return min(range(self.dp), key=lambda g: (not self.schedulers[g].can_admit(num_tokens), loads[g], g))
+
+    def _queue(self, seq: Sequence, dp_group: int | None) -> None:
+        if self.holds(seq.request_id):
+            raise ValueError(f"request {seq.request_id!r} is already in this engine")
+        group = self._choose_group(seq.num_reserved_tokens) if dp_group is None else dp_group
+        self.schedulers[group].add(seq)
+        self._group_of[seq.request_id] = group
+
+    def _admit_now(self, seq: Sequence, group: int) -> None:
+        if self.holds(seq.request_id):
+            raise ValueError(f"request {seq.request_id!r} is already in this engine")
+        self.schedulers[group].admit_now(seq)
+        self._group_of[seq.request_id] = group
 
     def _new_sequence(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, hand_off: bool) -> Sequence:
         self._check_token_ids(prompt_ids)
@@ -375,27 +421,31 @@ class Engine:
         table = torch.tensor(block_table, dtype=torch.int64)
         return slot_mapping(table, torch.arange(num_tokens), self.block_size)
 
-    def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
-        """Runs the plan's tokens on every rank; float32 logits `[R, vocab]` for the chunks that sample, in plan order."""
-        step = self._step_work(plan)
+    def _forward(self, plans: list[list[ScheduledChunk]]) -> torch.Tensor:
+        """Runs every DP group's plan on every rank; float32 logits `[R, vocab]` for the chunks that sample, group by group."""
+        step = self._step_work(plans)
         if self.channel is not None:
             self.channel.broadcast(step)
         logits = self.runner.run(step)
-        for item in plan:
-            item.seq.num_cached += item.num_new
+        for plan in plans:
+            for item in plan:
+                item.seq.num_cached += item.num_new
         return logits
 
-    def _step_work(self, plan: list[ScheduledChunk]) -> Step:
-        """The plan as every rank runs it: new block tables only, and the requests to forget."""
-        chunks, tables = [], {}
-        for item in plan:
-            seq = item.seq
-            chunks.append(Chunk(seq.request_id, seq.num_cached, item.num_new, item.completes_prompt, seq.next_chunk_ids(item.num_new)))
-            if seq.request_id not in self._tables_sent:
-                tables[seq.request_id] = list(seq.block_table)
-                self._tables_sent.add(seq.request_id)
+    def _step_work(self, plans: list[list[ScheduledChunk]]) -> Step:
+        """The plans as every rank runs them: new block tables only, and the requests to forget."""
+        groups, tables = [], {}
+        for plan in plans:
+            chunks = []
+            for item in plan:
+                seq = item.seq
+                chunks.append(Chunk(seq.request_id, seq.num_cached, item.num_new, item.completes_prompt, seq.next_chunk_ids(item.num_new)))
+                if seq.request_id not in self._tables_sent:
+                    tables[seq.request_id] = list(seq.block_table)
+                    self._tables_sent.add(seq.request_id)
+            groups.append(chunks)
         forget, self._forget = self._forget, []
-        return Step([chunks], tables, forget)
+        return Step(groups, tables, forget)
 
     def _append_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenOutput]:
         # logits: [len(seqs), vocab]; a sequence's sampling step is the token's generated index (0 = first).
@@ -410,7 +460,7 @@ class Engine:
         kv, held = None, False
         if seq.hand_off:  # its decode goes on elsewhere (or nowhere): nothing stays here
             kv = self.export_kv(seq.request_id) if reason is None else None
-            self.scheduler.free(seq.request_id)
+            self.free(seq.request_id)
             if kv is not None and self.kv_holder is not None:
                 self.kv_holder(seq.request_id, kv)
                 kv, held = None, True

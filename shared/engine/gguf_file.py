@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from shared.engine import load_progress
 from shared.engine.block_weights import BLOCK_ELEMENTS, BlockFormat, BlockWeight
 from shared.engine.config import ModelConfig
 
@@ -164,7 +165,8 @@ class GgufFile:
 
     def converted_tensors(self, config: ModelConfig, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """`(name, float32 tensor)` for each of our parameter `names`, in sorted order, one at a time."""
-        for ours in sorted(names):
+        for index, ours in enumerate(sorted(names)):
+            load_progress.report("converting GGUF weights", index + 1, len(names))
             yield ours, self.tensor_as_ours(ours, config)
 
     def block_weights(self, config: ModelConfig, parts: dict[str, tuple[slice, ...]]) -> dict[str, BlockWeight]:

@@ -2,6 +2,7 @@
 
     load_model(name_or_path, dtype=None, shard=WHOLE) -> LoadedModel   (one rank's part, or all of it)
     load_model_config(name_or_path) -> ModelConfig       (metadata only: for the gateway)
+    load_generation_defaults(name_or_path)                (metadata only: recommended sampling)
     load_tokenizer(name_or_path)                          (in tokenizer.py, also metadata only)
 
 Where the weights come from (`presets.resolve_source`):
@@ -17,6 +18,7 @@ Every source is read through `shard_weights.read_shard`: a rank reads only its o
 from __future__ import annotations
 
 import contextlib
+import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from shared.engine import load_progress
 from shared.engine.block_weights import BlockWeight
 from shared.engine.config import ModelConfig
 from shared.engine.dtypes import parse_dtype
@@ -35,13 +38,20 @@ from shared.engine.hf_checkpoint import HfCheckpoint
 from shared.engine.model import CausalLM
 from shared.engine.collectives import LOCAL, Collectives
 from shared.engine.moe import SparseMoeBlock
+from shared.engine.generation_defaults import (
+    GGUF_KEYS,
+    NO_DEFAULTS,
+    GenerationDefaults,
+    from_gguf_fields,
+    from_hf_generation_config,
+)
 from shared.engine.shard import WHOLE, ModelShard
 from shared.engine.shard_weights import read_shard, shard_index
-from shared.engine.presets import GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
+from shared.engine.presets import PRESETS, GgufSource, HfFolderSource, RandomSource, list_models, resolve_source
 from shared.engine.tokenizer import ChatTokenizer, tokenizer_for
 from shared.engine.weight_cache import WeightCache
 
-__all__ = ["LoadedModel", "list_models", "load_model", "load_model_config", "random_weights"]
+__all__ = ["LoadedModel", "list_models", "load_generation_defaults", "load_model", "load_model_config", "random_weights"]
 
 log = structlog.get_logger()
 
@@ -85,10 +95,12 @@ def load_model(
             tokenizer = ChatTokenizer.from_gguf(gguf)
             local, whole = _shapes(config, shard)
             cache = weight_cache if weight_cache is not None else WeightCache()
+            load_progress.report("reading weights")
             converted = cache.ensure(path, dtype, whole, lambda: gguf.converted_tensors(config, list(whole)))
             with SafetensorsFile(converted) if converted is not None else contextlib.nullcontext(gguf.reader(config)) as reader:
                 weights = read_shard(reader, config, shard, local, whole, dtype)
             if dtype == torch.float32:
+                load_progress.report("checking GGUF blocks")
                 parts = {n: shard_index(n, whole[n], config, shard) for n in linear_weight_names(config, shard)}
                 cuts = {n: p.index for n, p in parts.items() if not p.pad_rows}  # padded vocabulary shards run dense
                 block_weights = exact_block_weights(gguf.block_weights(config, cuts), weights)
@@ -97,6 +109,7 @@ def load_model(
             config = checkpoint.model_config()
             tokenizer = tokenizer_for(source, config)
             local, whole = _shapes(config, shard)
+            load_progress.report("reading weights")
             with checkpoint.reader(config) as reader:
                 weights = read_shard(reader, config, shard, local, whole, dtype)
                 if shard.is_whole:
@@ -107,6 +120,7 @@ def load_model(
             weights = read_shard(RandomTensors(whole, seed, std), config, shard, local, whole, dtype)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{name}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    load_progress.report("building model")
     return LoadedModel(str(name), config, CausalLM.from_state_dict(config, weights, shard, comm), tokenizer, block_weights)
 
 
@@ -163,6 +177,20 @@ def load_model_config(name: str | Path) -> ModelConfig:
             return HfCheckpoint(path).model_config()
         case RandomSource(config=config):
             return config
+
+
+def load_generation_defaults(name: str | Path) -> GenerationDefaults:
+    """The model's recommended sampling settings (metadata only): generation_defaults.py says from where."""
+    if isinstance(name, str) and name in PRESETS:
+        return PRESETS[name].generation
+    match resolve_source(name):
+        case HfFolderSource(path=path) if (path / "generation_config.json").is_file():
+            raw = json.loads((path / "generation_config.json").read_text())
+            return from_hf_generation_config(raw, str(path / "generation_config.json"))
+        case GgufSource(path=path):
+            gguf = GgufFile(path)
+            return from_gguf_fields({key: gguf.field(key, None) for key in GGUF_KEYS.values()}, str(path))
+    return NO_DEFAULTS
 
 
 def linear_weight_names(config: ModelConfig, shard: ModelShard = WHOLE) -> list[str]:

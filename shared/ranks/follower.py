@@ -18,7 +18,7 @@ import structlog
 import torch.distributed as dist
 
 from shared.engine.engine import Engine
-from shared.engine.step_work import Drop, Export, Keepalive, Prepare, Receive, Scatter, Send, Step, Stop, Work
+from shared.engine.step_work import Drop, Export, Keepalive, Prepare, Probe, Receive, Scatter, Send, Step, Stop, Work
 from shared.ranks.channel import FollowerChannel
 from shared.ranks.reports import RankReport, post_report
 from shared.session.errors import KvTransferError
@@ -75,8 +75,15 @@ class Follower:
                     self.transfer.scatter(session_id, table)
                 case Prepare() | Send() | Receive() | Drop():
                     self._loop.call_soon_threadsafe(self._start, work)
-                case Keepalive():
-                    pass
+                case Keepalive(forget=forget):
+                    for request_id in forget:
+                        runner.tables.pop(request_id, None)
+                case Probe(probe_id=probe_id):
+                    report = RankReport(
+                        "probe", probe_id, self.rank, True, bytes_sent=self.transfer.bytes_sent,
+                        bytes_received=self.transfer.bytes_received, tables=len(runner.tables), sessions=self.transfer.num_sessions,
+                    )
+                    post_report(self.store, report)
                 case Stop(reason=reason):
                     return reason
 

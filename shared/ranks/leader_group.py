@@ -9,11 +9,12 @@ rank with a part in it has reported; a rank that fails or does not answer in tim
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 
-from shared.engine.step_work import Drop, Peer, PlanKey, Prepare, Receive, Scatter, Send, Work
+from shared.engine.step_work import Drop, Peer, PlanKey, Prepare, Probe, Receive, Scatter, Send, Work
 from shared.protocol import KvSegment, RankAddress, TransferStats
 from shared.ranks.reports import RankReport, ReportBoard
 from shared.session.errors import KvTransferError
@@ -92,6 +93,16 @@ class LeaderGroup:
         """On the engine thread: every rank writes its received buffers into the same pages."""
         self._broadcast(Scatter(session_id, list(block_table)))
         self.local.scatter(session_id, block_table)
+
+    async def probe(self, timeout: float) -> dict[int, RankReport]:
+        """What every other rank holds (tables, sessions, bytes moved); ranks that do not answer in time are left out."""
+        probe_id = f"probe-{uuid.uuid4().hex[:8]}"
+        await self._submit(Probe(probe_id))
+        try:
+            reports = await self.board.collect("probe", probe_id, set(range(1, self.world)), timeout)
+        except TimeoutError:
+            return {}
+        return {r.rank: r for r in reports}
 
     def drop(self, session_id: str) -> None:
         self.local.drop(session_id)

@@ -40,7 +40,7 @@ class RankInfo(msgspec.Struct, array_like=True, omit_defaults=True):
 class RankReport(msgspec.Struct, array_like=True, omit_defaults=True):
     """How one rank's part of a KV move ended."""
 
-    op: str  # "send" | "receive"
+    op: str  # "send" | "receive" | "probe"
     session_id: str
     rank: int
     ok: bool
@@ -50,6 +50,8 @@ class RankReport(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str = ""
     bytes_sent: int = 0  # the rank's totals so far (admin, metrics)
     bytes_received: int = 0
+    tables: int = 0  # block tables of requests the rank holds (probe)
+    sessions: int = 0  # KV sessions holding memory on the rank (probe)
 
 
 _info_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(RankInfo))

@@ -33,11 +33,6 @@ class RankSetup:
 
     @classmethod
     def for_layout(cls, layout, args) -> RankSetup:
-        if layout.dp > 1:
-            raise SystemExit(
-                f"pdserve {args.command}: --layout {layout.describe()}: data-parallel attention (dp > 1) is not "
-                f"supported by this worker yet; use dp=1"
-            )
         env = RankEnv.from_environment()
         if env is not None:
             if env.world_size != layout.world:

@@ -27,6 +27,7 @@ from shared.transport.ucx_env import configure_ucx_environment
 
 configure_ucx_environment()
 import ucxx  # noqa: E402  (must follow the environment set-up)
+from ucxx.exceptions import UCXError  # noqa: E402
 
 
 def segment_tag(session_id: str, src_rank: int, dst_rank: int) -> int:
@@ -101,7 +102,10 @@ class KvSender:
         async with lock:
             endpoint = self._endpoints.get(key)
             if endpoint is None or endpoint.closed:
-                endpoint = await ucxx.create_endpoint(host, port)
+                try:
+                    endpoint = await ucxx.create_endpoint(host, port)
+                except (UCXError, OSError, TimeoutError) as exc:
+                    raise ConnectionError(f"cannot reach the decoder's UCX listener at {host}:{port}: {exc!r}") from exc
                 self._endpoints[key] = endpoint
             return endpoint
 
@@ -123,6 +127,10 @@ class KvSender:
             if index != len(segments):
                 raise ValueError(f"{index} buffers for {len(segments)} segments")
             await asyncio.gather(*sends)
+        except UCXError as exc:
+            for send in sends:
+                send.cancel()
+            raise ConnectionError(f"KV send to the UCX listener at {host}:{port} failed: {exc!r}") from exc
         except BaseException:
             for send in sends:
                 send.cancel()

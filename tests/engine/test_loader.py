@@ -11,7 +11,7 @@ from tests.oracle import gguf_path
 
 
 def test_presets_and_unknown_names():
-    assert list_models() == ["smollm2-135m", "tiny-llama", "tiny-moe", "tiny-qwen3"]
+    assert list_models() == ["smollm2-135m", "tiny-llama", "tiny-moe", "tiny-qwen3", "wide-llama", "wide-moe"]
     for loader in (load_model, load_model_config):
         with pytest.raises(ValueError) as info:
             loader("no-such-model")

@@ -61,6 +61,8 @@ def who_may(action: str, subject: str, subjects: Subjects = SUBJECTS) -> set[str
     [
         ("publish", SUBJECTS.place, {"gateway", "worker"}),  # a worker asks for another decoder
         ("subscribe", SUBJECTS.place, {"scheduler"}),
+        ("publish", SUBJECTS.ready, {"gateway"}),  # /health asks a scheduler
+        ("subscribe", SUBJECTS.ready, {"scheduler"}),
         ("publish", SUBJECTS.worker_prefill("prefill-0"), {"gateway"}),
         ("publish", SUBJECTS.worker_decode("decode-1"), {"worker"}),  # hand-offs go worker to worker
         ("publish", SUBJECTS.worker_cancel("decode-1"), {"gateway"}),
