@@ -60,7 +60,7 @@ def test_a_crashing_worker_is_restarted_then_given_up_on_while_the_rest_serves(t
     crash = f"echo 'out of memory' >> {log}; exit 3"
     worker = supervisor.add(Child("worker decode-1", Stage.WORKERS, lambda: shell(crash), lambda: log.read_text(), policy=policy))
     gateway = supervisor.add(Child("gateway", Stage.GATEWAY, lambda: shell("sleep 30")))
-    for crash in range(3):
+    for _ in range(3):
         wait_exit(worker)
         supervisor.poll()
         clock.now += 10
