@@ -34,20 +34,21 @@ RAW_SUBJECT = "bench.raw"
 DONE_SUBJECT = "bench.done"
 
 
-def _spec(page_size: int) -> KvSpec:
-    return KvSpec(**SMOLLM2, page_size=page_size)
+def _spec(page_size: int, experts: int = 0) -> KvSpec:
+    """SmolLM2's KV shape; `experts` > 0 lets MoE layouts (ep > 1) validate (the KV does not depend on it)."""
+    return KvSpec(**SMOLLM2, page_size=page_size, num_experts=experts)
 
 
-def _decoder(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, ready) -> None:
-    asyncio.run(_decoder_main(nats_url, decode_layout, page_size, num_tokens, ready))
+def _decoder(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, ready) -> None:
+    asyncio.run(_decoder_main(nats_url, decode_layout, page_size, num_tokens, experts, ready))
 
 
-async def _decoder_main(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, ready) -> None:
+async def _decoder_main(nats_url: str, decode_layout: str, page_size: int, num_tokens: int, experts: int, ready) -> None:
     from shared.session import InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
     from shared.session.rank_plan import RankShard
 
     torch.set_num_threads(1)
-    spec = _spec(page_size)
+    spec = _spec(page_size, experts)
     layout = parse_layout(decode_layout, "decode")
     num_blocks = -(-num_tokens // page_size)
     ranks = []
@@ -101,7 +102,7 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
     from shared.session import ExportedKv, InProcessGroup, KvSessionEngine, RankTransfer, UcxKvTransport
 
     torch.set_num_threads(1)
-    spec = _spec(args.page_size)
+    spec = _spec(args.page_size, args.experts)
     nc = await connect_nats(nats_url, "bench-prefill")
     done: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -122,7 +123,7 @@ async def _prefill_main(nats_url: str, args: argparse.Namespace) -> dict:
     for i in range(args.repeats + 1):  # the first of each is a warm-up
         for rank, shard in shards.items():
             ranks[rank].hold(f"s{i}", shard)
-        session = sessions.create_session(f"s{i}")
+        session = sessions.create_session(f"s{i}")  # a DP decoder: group 0 takes it
         started = time.perf_counter()
         stats = await session.push(ExportedKv(args.tokens), target_layout=decode_layout)
         await done.get()
@@ -159,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--prefill-layout", default="tp=3")
     parser.add_argument("--decode-layout", default="tp=1")
+    parser.add_argument("--experts", type=int, default=0, help="pretend the model has this many experts, so ep layouts validate (e.g. 8)")
     args = parser.parse_args(argv)
     context = multiprocessing.get_context("spawn")
     with EmbeddedNats() as server:
         ready = context.Event()
         decoder = context.Process(
-            target=_decoder, args=(server.url, args.decode_layout, args.page_size, args.tokens, ready), daemon=True
+            target=_decoder, args=(server.url, args.decode_layout, args.page_size, args.tokens, args.experts, ready), daemon=True
         )
         decoder.start()
         ready.wait(120)

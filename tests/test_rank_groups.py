@@ -158,6 +158,7 @@ CASES = [
     ("two-kv", "tp=1", "tp=4", 16, 16),  # KV heads replicated on the decode side
     ("two-kv", "tp=4", "tp=1", 16, 16),  # ... and on the prefill side
     ("two-kv", "pp=2,tp=2", "tp=1", 16, 16),
+    ("two-kv", "tp=2", "dp=2", 16, 16),  # a dense model's decode group of two DP replicas
 ]
 
 
@@ -331,3 +332,65 @@ def test_group_set_up_fails_with_a_message_instead_of_hanging(tmp_path):
     assert "timed out" in lonely.stderr and "1/2" in lonely.stderr  # one of two ranks joined
     mismatch = subprocess.run(base, env={**env, "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3"}, capture_output=True, text=True, timeout=60)
     assert mismatch.returncode != 0 and "WORLD_SIZE=3" in mismatch.stderr and "2 ranks" in mismatch.stderr
+
+
+def _all_rank_pids(up_pid: int) -> dict[str, list[int]]:
+    """Per worker id under a `pdserve up`: its leader and rank processes."""
+    workers = {}
+    for pid in children_of(up_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+        except OSError:
+            continue
+        if "--worker-id" in argv and alive(pid):
+            workers[argv[argv.index("--worker-id") + 1]] = [pid] + [c for c in children_of(pid) if alive(c)]
+    return workers
+
+
+def test_pdserve_up_runs_every_rank_as_its_own_process(models):
+    """`pdserve up --prefill-layout tp=2 --decode-layout tp=3`: 2 + 3 engine processes, greedy equal to HF."""
+    from tests.stack import start_stack, stop_stack_group
+
+    folder, _, expected = models["six-kv"]
+    stack = start_stack("--model", folder, "--prefill-layout", "tp=2", "--decode-layout", "tp=3", "--kv-cache-tokens", "2048")
+    try:
+        ranks = _all_rank_pids(stack.proc.pid)
+        body = {"model": folder, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+        async def ask():
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{stack.base_url}/completions", json=body) as response:
+                    return response.status, await response.json()
+
+        status, reply = asyncio.run(ask())
+    finally:
+        assert stop_stack_group(stack.proc)  # every process it started exited by itself
+    assert {worker: len(pids) for worker, pids in ranks.items()} == {"prefill-0": 2, "decode-0": 3}
+    assert status == 200 and reply["choices"][0]["token_ids"] == expected[1]
+    assert reply["usage"]["pdserve"]["kv_transfer_messages"] == len(plan_of(folder, "tp=2", "tp=3", 16, 16).pairs)
+
+
+def test_torchrun_starts_the_same_worker_as_a_rank_group(models, deployments):
+    """The worker entry point under `torchrun` (env:// rendezvous, nothing spawned by the worker)."""
+    deployment, expected = deployments["two-kv"], models["two-kv"][2]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                "-m", "services.cli", "worker", "--nats", deployment.nats_url, "--model", deployment.model,
+                "--role", "decode", "--worker-id", "d-torchrun", "--layout", "tp=2", "--kv-cache-tokens", "2048"]
+    group = processes.spawn(torchrun)
+    prefill = None
+    try:
+        prefill = deployment.start_workers(("p-torchrun", "prefill", "", 16))
+        deadline = time.monotonic() + 180
+        while "d-torchrun" not in {s["instance"] for s in admin(deployment.nats_url, "status")["services"]}:
+            assert time.monotonic() < deadline and group.poll() is None, "the torchrun group never registered"
+            time.sleep(0.5)
+        tokens, usage = asyncio.run(deployment.greedy(PROMPTS[2]))
+        ranks = _instance(admin(deployment.nats_url, "status"), "d-torchrun")["ranks"]
+    finally:
+        if prefill is not None:
+            deployment.retire(prefill, ["p-torchrun"])
+        admin(deployment.nats_url, "drain", "d-torchrun")
+        assert group.wait(timeout=60) == 0  # the leader stopped its ranks, torchrun exited cleanly
+    assert tokens == expected[2] and usage["pdserve"]["decode_worker"] == "d-torchrun"
+    assert [r["rank"] for r in ranks] == [0, 1] and len({r["pid"] for r in ranks}) == 2

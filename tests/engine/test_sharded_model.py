@@ -97,7 +97,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list, results) -> None:
                     chunk_ids = [int(token)]
             params = sum(p.numel() for p in model.parameters())
             if rank == 0:
-                results.put(("ok", str(folder), dims, tokens, first_logits, params))
+                results.put(("ok", str(folder), dims, tokens, first_logits.tolist(), params))  # by value: the rank may exit first
         dist.barrier()
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
@@ -131,7 +131,83 @@ def test_sharded_logits_and_greedy_tokens_equal_hf(checkpoints, world):
     for (name, dims), (_, _, got_dims, tokens, logits, params) in zip(CASES[world], reports):
         hf = checkpoints[name][1]
         assert got_dims == dims
-        assert (logits - hf_last_logits(hf, prompt)).abs().max().item() <= 1e-4, (name, dims)
+        assert (torch.tensor(logits) - hf_last_logits(hf, prompt)).abs().max().item() <= 1e-4, (name, dims)
         assert tokens == hf_greedy(hf, prompt, max_new_tokens=MAX_NEW), (name, dims)
         whole = sum(p.numel() for p in hf.parameters())
         assert params < whole, (name, dims)  # rank 0 holds a part, not the whole model
+
+
+def _gguf_rank(rank: int, world: int, port: int, path: str, prompt: list[int], results) -> None:
+    try:
+        torch.set_num_threads(1)
+        from shared.engine.collectives import build_collectives
+        from shared.engine.engine import Engine
+        from shared.engine.loader import load_model
+        from shared.engine.shard import ModelShard
+        from shared.engine.step_work import Chunk, Step
+        from shared.engine.weight_cache import WeightCache
+        from shared.ranks.process_group import RankEnv, join
+
+        join(RankEnv(rank, world, rank, "127.0.0.1", port), timeout_s=60)
+        shard = ModelShard(tp=world, rank=rank)
+        loaded = load_model(path, shard=shard, comm=build_collectives(shard), weight_cache=WeightCache(os.environ["SHARD_TEST_CACHE"]))
+        engine = Engine(loaded, kv_cache_tokens=256)  # the serving path: the block twin for decode-sized batches
+        runner = engine.runner
+        table = list(range(4))
+        with torch.inference_mode():
+            logits = runner.run(Step([[Chunk("r", 0, len(prompt), True, prompt)]], {"r": table}))
+            decode = runner.run(Step([[Chunk("r", len(prompt), 1, True, [prompt[0]])]]))  # one row: the GGUF-block path
+        import torch.distributed as dist
+
+        if rank == 0:
+            results.put(("ok", logits[0].tolist(), decode[0].tolist(), sorted(loaded.block_weights)))  # by value
+        dist.barrier()
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def test_gguf_shards_and_their_weight_blocks_equal_the_whole_model(tmp_path):
+    """A Q8_0 GGUF split over tp=2: each rank cuts its dense slices and its GGUF blocks (rows, and columns on
+    whole 32-element blocks); prefill and a one-row decode step equal the whole model's logits."""
+    from transformers import LlamaConfig
+
+    from shared.engine.engine import Engine
+    from shared.engine.loader import load_model
+    from shared.engine.step_work import Chunk, Step
+    from shared.engine.weight_cache import WeightCache
+    from shared.processes import free_port
+    from tests.engine.hf_checkpoints import write_gguf
+
+    config = LlamaConfig(**_COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    hf = write_checkpoint(tmp_path / "hf", config)
+    path = tmp_path / "llama-q8.gguf"
+    write_gguf(path, hf, config, tmp_path / "hf", quantize_q8=True)
+    prompt = prompt_ids(11, seed=5)
+    whole = load_model(path, weight_cache=WeightCache(tmp_path / "cache"))
+    reference = Engine(whole, kv_cache_tokens=256).runner
+    with torch.inference_mode():
+        want = reference.run(Step([[Chunk("r", 0, len(prompt), True, prompt)]], {"r": list(range(4))}))[0]
+        want_decode = reference.run(Step([[Chunk("r", len(prompt), 1, True, [prompt[0]])]]))[0]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    os.environ["SHARD_TEST_CACHE"] = str(tmp_path / "cache")
+    procs = [context.Process(target=_gguf_rank, args=(r, 2, port, str(path), prompt, results)) for r in range(2)]
+    try:
+        for proc in procs:
+            proc.start()
+        outcome = results.get(timeout=300)
+    finally:
+        os.environ.pop("SHARD_TEST_CACHE", None)
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert outcome[0] == "ok", outcome[2]
+    _, logits, decode, blocks = outcome
+    assert (torch.tensor(logits) - want).abs().max().item() <= 1e-4
+    assert (torch.tensor(decode) - want_decode).abs().max().item() <= 1e-4
+    assert "layers.0.attn.o_proj.weight" in blocks and "layers.0.mlp.down_proj.weight" in blocks  # column cuts kept their blocks
+    assert "embed_tokens.weight" in blocks  # the tied head's vocabulary rows too
