@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _nats_urls(text: str) -> str:
     try:
         parse_nats_urls(text)
@@ -52,6 +59,10 @@ def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> Non
     )
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--drain-timeout", type=_positive_float, default=30.0,
+        help="on SIGTERM: seconds to finish requests in flight before ending them with an error",
+    )  # fmt: skip
     nats_auth.add_arguments(parser, creds_help=None if needs_nats else UP_CREDS_HELP)
 
 
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-block-size", type=_positive_int, default=None, help="decode workers' KV page size (default: --block-size)")
     up.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="gateway: in-flight requests before 429")
     up.add_argument("--max-waiting", type=_positive_int, default=64, help="workers: queued requests before 429")
+    up.add_argument("--migration-limit", type=_non_negative_int, default=3, help="gateway: times a request may move to other workers when one fails (0: off)")
     _add_generation_config(up)
     gateway_auth.add_arguments(up)
     up.add_argument("--no-api-key", action="store_true", help="serve without API keys (default: --api-key, PDSERVE_API_KEY, or a generated key)")
@@ -120,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--default-max-tokens", type=_positive_int, default=256)
     gateway.add_argument("--stall-timeout", type=float, default=120.0, help="seconds without a token before a request fails")
     gateway.add_argument("--max-concurrent-requests", type=_positive_int, default=256, help="in-flight requests before 429")
+    gateway.add_argument("--migration-limit", type=_non_negative_int, default=3, help="times a request may move to other workers when one fails (0: off)")
     _add_generation_config(gateway)
     gateway_auth.add_arguments(gateway)
 
@@ -156,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (still importing)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -185,19 +205,21 @@ def _run(args: argparse.Namespace) -> int:
         from services.admin.cli import run as run_admin
 
         return run_admin(args)
+    from shared.shutdown import exit_without_teardown
+
     if args.command == "scheduler":
         from services.scheduler.main import run
 
-        return asyncio.run(run(args))
+        exit_without_teardown(asyncio.run(run(args)))
     if args.command == "gateway":
         from services.gateway.main import run
 
-        return asyncio.run(run(args))
+        exit_without_teardown(asyncio.run(run(args)))
     from services.worker.main import run
 
     if args.command != "worker":
         args.role = args.command
-    return asyncio.run(run(args))
+    exit_without_teardown(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Start order: nats-server (unless --nats), scheduler, workers, gateway. Ready mea
 every worker has sent a heartbeat and the gateway's /health answers 200; then one line
 with the URL is printed. Until then each service's progress is shown and a child that
 dies is named with the last lines of its log (services/startup_progress.py).
-SIGINT/SIGTERM, or any child dying, stops every child.
+While serving, children that die are restarted (services/supervisor.py). SIGINT/SIGTERM
+stops the stack in order (gateway drains, workers, scheduler, nats-server); a second one
+kills every child at once. An interrupt during start-up stops whatever was started: a
+worker still loading exits at once on SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 
 from services.scheduler.policy import Mode
 from services.stack_auth import StackAuth
-from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, wait_until_ready
+from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, readable, wait_until_ready
+from services.supervisor import Child, Stage, StackError, Supervisor
 from shared import processes
 from shared.nats_permissions import NatsRole
 from shared.nats_server import EmbeddedNats
@@ -31,10 +35,7 @@ from shared.stack_registry import record_stack
 from shared.subjects import Subjects
 
 READY_TIMEOUT_S = 600.0
-
-
-class StackError(RuntimeError):
-    pass
+SUPERVISE_POLL_S = 0.2
 
 
 def _worker_plans(mode: Mode, args: argparse.Namespace) -> list[WorkerPlan]:
@@ -93,14 +94,6 @@ def _check_port_free(host: str, port: int) -> None:
             raise StackError(f"--port {port}: {host}:{port} is not free ({exc.strerror})") from None
 
 
-def _raise_if_any_failed(children: list[subprocess.Popen]) -> None:
-    """Once serving, a worker that exits 0 was drained on purpose; anything else stops the stack."""
-    for child in children:
-        code = child.poll()
-        if code is not None and not (code == 0 and "worker" in child.args):
-            raise StackError(f"{' '.join(child.args[3:5])} exited with code {code}")
-
-
 def run_stack(args: argparse.Namespace) -> int:
     try:
         mode = Mode.parse(args.mode)
@@ -117,25 +110,84 @@ def run_stack(args: argparse.Namespace) -> int:
     if plan_summary:
         print(plan_summary, flush=True)
 
-    stop_requested = False
+    signals = _Signals()
+    nats = None
+    supervisor = Supervisor()
+    exit_code = 0
+    state_file = None
+    try:
+        if not args.nats:
+            nats = EmbeddedNats(config=auth.server_config)
+            supervisor.add(Child("nats-server", Stage.NATS, lambda: nats.start().process))
+        nats_url = args.nats or nats.url
+        subjects = Subjects(args.prefix)
+        workers = _worker_plans(mode, args)
+        logs = ServiceLogs(Path(tempfile.mkdtemp(prefix="pdserve-up-")))
+        for child in _service_children(args, mode, nats_url, workers, auth, logs):
+            if signals.stop_requested:
+                raise StackError("interrupted before the stack was ready")
+            supervisor.add(child)
+        probe_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        ready = ReadyCheck(
+            nats_url, subjects, {w.worker_id for w in workers}, "gateway", f"http://{probe_host}:{args.port}/health",
+            READY_TIMEOUT_S, lambda: signals.stop_requested, auth.connect_options(NatsRole.ADMIN),
+        )
+        asyncio.run(wait_until_ready(ready, logs))
+        logs.serving()
+        gateway_url = f"http://{args.host}:{args.port}/v1"
+        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
+        if auth.generated_api_key:
+            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
+        print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
+        while not signals.stop_requested:
+            supervisor.poll()
+            time.sleep(SUPERVISE_POLL_S)
+    except (StackError, StartupError, RuntimeError, OSError) as exc:  # also a child that never started, an interrupt
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
+        supervisor.stop(args.drain_timeout, forced=lambda: signals.forced)
+        if nats is not None:
+            nats.stop()
+        auth.close()
+    return exit_code
 
-    def request_stop(*_) -> None:
-        nonlocal stop_requested
-        stop_requested = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+class _Signals:
+    """SIGINT/SIGTERM: the first asks for an ordered stop, the second forces it."""
 
-    nats = None if args.nats else EmbeddedNats(config=auth.server_config).start()
-    nats_url = args.nats or nats.url
-    subjects = Subjects(args.prefix)
-    workers = _worker_plans(mode, args)
+    def __init__(self):
+        self.count = 0
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, *_) -> None:
+        self.count += 1
+        if self.count == 1:
+            print("pdserve up: stopping (gateway drains first; interrupt again to kill everything now)", file=sys.stderr, flush=True)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.count >= 1
+
+    @property
+    def forced(self) -> bool:
+        return self.count >= 2
+
+
+def _service_children(
+    args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan], auth: StackAuth, logs: ServiceLogs
+) -> list[Child]:
+    """Scheduler, workers, gateway: in start order, each with its role's secrets in its environment."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     base = [sys.executable, "-m", "services.cli"]
-    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, *auth.nats.tls_flags()]
-    commands = {"scheduler": base + ["scheduler", *common, "--mode", mode.value]}
+    common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
+    common += auth.nats.tls_flags()
+    children = [_child("scheduler", "scheduler", Stage.SCHEDULER, base + ["scheduler", *common, "--mode", mode.value], auth, logs)]
     for worker in workers:
-        commands[worker.worker_id] = (
+        command = (
             base
             + ["worker", *common, "--role", worker.role, "--worker-id", worker.worker_id, "--model", args.model]
             + ["--layout", worker.layout, "--block-size", str(worker.block_size)]
@@ -146,43 +198,29 @@ def run_stack(args: argparse.Namespace) -> int:
             + ["--max-num-seqs", str(args.max_num_seqs)]
             + (["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else [])
         )
-    commands["gateway"] = (
+        children.append(_child(f"worker {worker.worker_id}", worker.worker_id, Stage.WORKERS, command, auth, logs))
+    gateway = (
         base
         + ["gateway", *common, "--model", args.model, "--host", args.host, "--port", str(args.port)]
-        + ["--max-concurrent-requests", str(args.max_concurrent_requests)]
+        + ["--max-concurrent-requests", str(args.max_concurrent_requests), "--migration-limit", str(args.migration_limit)]
         + ["--generation-config", args.generation_config]
     )
+    children.append(_child("gateway", "gateway", Stage.GATEWAY, gateway, auth, logs))
+    return children
 
-    children: list[subprocess.Popen] = []
-    exit_code = 0
-    state_file = None
-    try:
-        logs = ServiceLogs(Path(tempfile.mkdtemp(prefix="pdserve-up-")))
-        # The subcommand (scheduler, worker, gateway) is the NATS role its secrets are for.
-        children = [logs.spawn(name, command, env=auth.child_env(NatsRole(command[3]))) for name, command in commands.items()]
-        probe_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-        ready = ReadyCheck(
-            nats_url, subjects, {w.worker_id for w in workers}, "gateway", f"http://{probe_host}:{args.port}/health",
-            READY_TIMEOUT_S, lambda: stop_requested, auth.connect_options(NatsRole.ADMIN),
-        )
-        asyncio.run(wait_until_ready(ready, logs))
-        logs.serving()
-        gateway_url = f"http://{args.host}:{args.port}/v1"
-        state_file = record_stack(os.getpid(), nats_url, args.prefix, gateway_url, auth.creds_file(NatsRole.ADMIN))
-        if auth.generated_api_key:
-            print(f"pdserve api key: {auth.generated_api_key} (generated; clients send it as Authorization: Bearer)", flush=True)
-        print(f"pdserve ready: {gateway_url} (model {args.model}, mode {mode.value}, nats {nats_url})", flush=True)
-        while not stop_requested:
-            _raise_if_any_failed(children)
-            time.sleep(0.2)
-    except (StackError, StartupError) as exc:
-        print(f"pdserve up: {exc}", file=sys.stderr)
-        exit_code = 1
-    finally:
-        if state_file is not None:
-            state_file.unlink(missing_ok=True)
-        processes.stop(list(reversed(children)))  # gateway first, nats-server after all
-        if nats is not None:
-            nats.stop()
-        auth.close()
-    return exit_code
+
+def _child(name: str, log_name: str, stage: Stage, command: list[str], auth: StackAuth, logs: ServiceLogs) -> Child:
+    """A supervised child whose output goes to `<run dir>/<log_name>.log`; the subcommand is its NATS role."""
+    env = auth.child_env(NatsRole(command[3]))
+
+    def launch() -> subprocess.Popen:  # again on every restart: same command, same secrets, same log file
+        return logs.spawn(log_name, command, env=env)
+
+    def last_lines() -> str:
+        service = next((s for s in reversed(logs.services) if s.name == log_name), None)
+        if service is None:
+            return "    (nothing logged)"
+        lines = "\n".join(f"    {readable(line)}" for line in service.tail) or "    (nothing logged)"
+        return f"    ({service.path})\n{lines}"
+
+    return Child(name, stage, launch, last_lines)

@@ -7,10 +7,10 @@ answering a request needs no publish right (`allow_responses`).
 
 | role      | publishes                                              | subscribes |
 |-----------|--------------------------------------------------------|------------|
-| gateway   | place requests, readiness checks, prefill jobs, cancels | token streams, its admin endpoints |
-| scheduler | nothing (only replies)                                  | place requests, readiness checks, heartbeats, its admin endpoints |
+| gateway   | place requests, readiness checks, prefill jobs, cancels | token streams, worker-down events, its admin endpoints |
+| scheduler | worker-down events                                      | place requests, readiness checks, heartbeats, its admin endpoints |
 | worker    | heartbeats, token streams, decode jobs (hand-offs), place requests (another decoder) | its jobs and cancels, heartbeats, its admin endpoints |
-| admin     | admin endpoint calls, `$SRV` discovery                  | heartbeats (readiness, watching) |
+| admin     | admin endpoint calls, `$SRV` discovery                  | heartbeats, worker-down events (readiness, watching) |
 
 Services register admin endpoints with nats.micro, which answers `$SRV.PING|INFO|STATS`;
 only the admin role may call them. A subject not listed here is refused: a new message
@@ -63,12 +63,12 @@ def role_permissions(subjects: Subjects, role: NatsRole) -> Permissions:
     if role is NatsRole.GATEWAY:
         return Permissions(
             publish=(subjects.place, subjects.ready, subjects.worker_prefill(ANY), subjects.worker_cancel(ANY)),
-            subscribe=(all_streams, inbox, *service),
+            subscribe=(all_streams, subjects.worker_down, inbox, *service),
             allow_responses=True,
         )
     if role is NatsRole.SCHEDULER:
         return Permissions(
-            publish=(),
+            publish=(subjects.worker_down,),
             subscribe=(subjects.place, subjects.ready, subjects.all_heartbeats, inbox, *service),
             allow_responses=True,
         )
@@ -82,7 +82,7 @@ def role_permissions(subjects: Subjects, role: NatsRole) -> Permissions:
         )
     return Permissions(
         publish=(admin_endpoints, MICRO_DISCOVERY),
-        subscribe=(inbox, subjects.all_heartbeats),
+        subscribe=(inbox, subjects.all_heartbeats, subjects.worker_down),
         allow_responses=False,
     )
 

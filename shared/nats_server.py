@@ -110,6 +110,11 @@ class EmbeddedNats:
         processes.wait_for_port(self.host, self.port, timeout=10.0, proc=self._proc)
         return self
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The running nats-server (for a supervisor that restarts it on the same port)."""
+        return self._proc
+
     def kill(self) -> None:
         """Dies at once (SIGKILL), as a crashed node or host would."""
         if self._proc is not None and self._proc.poll() is None:

@@ -63,6 +63,9 @@ class Sampling(_Msg):
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    # Tokens generated before this job (a migrated request's continuation): the n-th token
+    # drawn here is the request's (step_offset + n)-th, so seeded sampling goes on unchanged.
+    step_offset: int = 0
 
 
 class ServiceError(_Msg, tag=0):
@@ -86,6 +89,10 @@ class Placement(_Msg, tag=1):
     decode_worker: str  # equals prefill_worker on the colocated path
     decode_layout: str = ""  # the decoder's layout ("dp=2,tp=2,pp=1,ep=1"): the push targets it
     decode_dp_group: int = 0  # the decoder's DP group that will hold the request
+    # Which run of each worker was chosen: a worker restarted under the same id is a new
+    # incarnation, and requests placed on the old one must still migrate.
+    prefill_incarnation: str = ""
+    decode_incarnation: str = ""
 
 
 class PrefillJob(_Msg):
@@ -230,6 +237,18 @@ class Heartbeat(_Msg):
     metrics_port: int = 0
     layout: str = ""  # this worker's parallel layout, e.g. "tp=4,pp=1,ep=4"
     dp_load: list[int] = []  # per attention-DP group: running + queued requests (dp > 1 only)
+    incarnation: str = ""  # new on every start of the process, so a restart under the same id is seen
+
+
+class WorkerDown(_Msg):
+    """Scheduler -> gateways: a worker stopped beating (or came back as a new incarnation).
+
+    Every scheduler publishes it, so gateways see duplicates: handling one twice is harmless.
+    """
+
+    worker_id: str
+    incarnation: str
+    reason: str
 
 
 PlaceReply = Placement | ServiceError

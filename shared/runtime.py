@@ -118,12 +118,18 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-async def close_nats(nc: NatsClient, timeout: float = 5.0) -> None:
-    """Drains if the server is there; otherwise (or if draining stalls) just closes."""
+async def close_nats(nc: NatsClient, timeout: float = 2.0) -> None:
+    """Drains if the server is there; otherwise (or if draining stalls) just closes.
+
+    Bounded either way: a server that is gone must not keep a stopping service alive.
+    """
     if nc.is_connected:
         try:
             await asyncio.wait_for(nc.drain(), timeout)
             return
         except Exception:
             pass
-    await nc.close()
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except Exception as exc:
+        log.warning("nats_close_failed", error=repr(exc))

@@ -47,5 +47,10 @@ class Subjects:
         """Admin endpoints are per instance, so `drain` reaches exactly the worker named."""
         return f"{self.prefix}.admin.{instance_id}.{endpoint}"
 
+    @property
+    def worker_down(self) -> str:
+        """Scheduler -> every gateway: a worker failed (WorkerDown); not a queue group."""
+        return f"{self.prefix}.events.worker_down"
+
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}.stream.{request_id}"

@@ -7,6 +7,7 @@ Tokenization and the chat template run here, so workers only ever see token ids.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.started = int(time.time())
         self.in_flight: set[str] = set()
+        self.draining = False  # set on SIGTERM (shutdown.py): new requests and /health get 503
         self.logprob_formatter = LogprobFormatter(tokenizer)
 
     def app(self) -> web.Application:
@@ -135,6 +137,8 @@ class Gateway:
         return self.dispatcher.interrupt(request_id)
 
     async def health(self, _: web.Request) -> web.Response:
+        if self.draining:  # shutting down: load balancers move away now, before the port closes
+            return web.json_response({"status": "draining", "model": self.model_name}, status=503)
         report = await self.readiness.report()
         return web.json_response(report.body, status=report.status)
 
@@ -194,7 +198,8 @@ class Gateway:
             temperature=chosen.temperature,
             top_p=chosen.top_p,
             top_k=chosen.top_k,
-            seed=body.seed,
+            # Pinned here when sampling without one, so a migrated request keeps drawing from the same seed.
+            seed=body.seed if body.seed is not None or chosen.temperature == 0 else secrets.randbits(63),
             ignore_eos=body.ignore_eos,
             stop_token_ids=list(body.stop_token_ids),
             logprobs=body.requested_logprobs(),
@@ -204,6 +209,9 @@ class Gateway:
         arrived = time.monotonic()
         sampling = self._sampling(body, len(prompt_ids))
         stop_strings = StopStrings(body.stop_strings())
+        if self.draining:
+            self.metrics.rejected.labels(status="503").inc()
+            raise RequestError(503, "the gateway is shutting down; retry on another instance")
         if len(self.in_flight) >= self.limits.max_concurrent_requests:
             self.metrics.rejected.labels(status="429").inc()
             raise RequestError(429, f"the gateway is at its limit of {self.limits.max_concurrent_requests} concurrent requests")
@@ -239,13 +247,12 @@ class Gateway:
         events = timing.track(dispatched.events)
         try:
             if body.stream:
-                return await self._stream(request, completion, events, body.include_usage, headers)
+                return await self._stream(request, completion, dispatched, events, body.include_usage, headers)
             async for event in events:
+                completion.follow(dispatched)
                 completion.absorb(event)
                 if completion.stopped_by_string:
                     break  # closing the stream below cancels the request on its workers
-            if completion.finish_reason is FinishReason.ERROR:
-                raise RequestError(completion.error_status, completion.error or "generation failed")
             if completion.finish_reason is FinishReason.CANCELLED:
                 raise RequestError(503, completion.error or "request cancelled")
             return web.json_response(completion.final(), headers=headers)
@@ -254,6 +261,7 @@ class Gateway:
             # not whenever the generators are garbage-collected.
             await events.aclose()
             await dispatched.events.aclose()
+            completion.follow(dispatched)  # a request that failed after migrating counts its moves too
             self._count_finished(completion)
 
     def _count_finished(self, completion: Completion) -> None:
@@ -261,8 +269,9 @@ class Gateway:
         self.metrics.requests.labels(finish_reason=reason, path=completion.placement.path.label).inc()
         self.metrics.prompt_tokens.inc(completion.num_prompt_tokens)
         self.metrics.generation_tokens.inc(completion.num_generated)
+        self.metrics.migrations.inc(completion.migrations)
 
-    async def _stream(self, request, completion: Completion, events, include_usage: bool, headers: dict) -> web.StreamResponse:
+    async def _stream(self, request, completion: Completion, dispatched, events, include_usage: bool, headers: dict) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await response.prepare(request)
 
@@ -272,10 +281,8 @@ class Gateway:
         first = True
         try:
             async for event in events:
+                completion.follow(dispatched)
                 delta = completion.absorb(event)
-                if event.finish_reason is FinishReason.ERROR:
-                    await send(RequestError(completion.error_status, completion.error or "generation failed").body())
-                    break
                 if event.finish_reason is FinishReason.CANCELLED:
                     await send(RequestError(503, completion.error or "request cancelled").body())
                     break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from services.gateway.logprobs import LogprobFormatter, ScoredToken
 from services.gateway.stop_strings import StopStrings
@@ -11,6 +12,16 @@ from shared.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
 from shared.protocol import FinishReason, Placement, TokenEvent, TransferStats
 
 OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+
+
+class Route(Protocol):
+    """Where a request runs now (the dispatcher's view; it changes on migration)."""
+
+    @property
+    def placement(self) -> Placement: ...
+
+    @property
+    def migrations(self) -> int: ...
 
 
 @dataclass
@@ -31,17 +42,22 @@ class Completion:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
-    error_status: int = 500  # the HTTP status a failed request answers with (the worker's error code)
     kv_transfer: TransferStats | None = None
     stopped_by_string: bool = False  # the gateway ended it: workers must be told to stop
     logprobs: LogprobFormatter | None = None  # set when the request asked for logprobs
     scored: list[ScoredToken] = field(default_factory=list)  # visible tokens with their logprobs
+    migrations: int = 0  # times the request moved to other workers (a worker failed under it)
 
     def __post_init__(self) -> None:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer)
         self._decoded = ""  # everything detokenized; `text` is the part shown so far
         self._unsent_scored = 0  # scored tokens not yet in a chunk
         self._sent_text_len = 0  # their text's length so far: the next chunk's first text_offset
+
+    def follow(self, route: "Route") -> None:
+        """Takes the request's current workers (they change when it migrates)."""
+        self.placement = route.placement
+        self.migrations = route.migrations
 
     def absorb(self, event: TokenEvent) -> str:
         """Adds an event; returns the new visible text."""
@@ -61,7 +77,6 @@ class Completion:
         elif event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
-            self.error_status = int(event.error_code) if event.error_code is not None else 500
             self.kv_transfer = event.kv_transfer
         return delta
 
@@ -82,6 +97,8 @@ class Completion:
             "prefill_worker": self.placement.prefill_worker,
             "decode_worker": self.placement.decode_worker,
         }
+        if self.migrations:
+            extension["migrations"] = self.migrations
         if self.kv_transfer is not None:
             extension |= {
                 "kv_transfer_bytes": self.kv_transfer.nbytes,

@@ -20,6 +20,7 @@ class GatewayMetrics:
         self.rejected = Counter("pdserve_requests_rejected", "Requests refused before generation", ["status"], registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens of finished requests", registry=r)
+        self.migrations = Counter("pdserve_request_migrations", "Times requests moved to other workers after one failed", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,8 +105,9 @@ def _decode_dp_group(decode: WorkerLoad) -> int:
 
 def _placement(request: PlaceRequest, path: Path, prefill: WorkerLoad, decode: WorkerLoad) -> Placement:
     return Placement(
-        request.request_id, path, prefill.worker_id, decode.worker_id, decode.beat.layout, _decode_dp_group(decode)
-    )
+        request.request_id, path, prefill.worker_id, decode.worker_id, decode.beat.layout, _decode_dp_group(decode),
+        prefill.incarnation, decode.incarnation,
+    )  # fmt: skip
 
 
 def _unavailable(message: str) -> ServiceError:

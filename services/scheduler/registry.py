@@ -1,4 +1,8 @@
-"""Live workers, known only from their heartbeats; one that stops beating expires."""
+"""Live workers, known only from their heartbeats; one that stops beating expires.
+
+A worker is one incarnation of a process: a heartbeat under a known id but a new
+incarnation means the old process died and was restarted, so the old one is down too.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ class WorkerLoad:
         return self.beat.worker_id
 
     @property
+    def incarnation(self) -> str:
+        return self.beat.incarnation
+
+    @property
     def queued_prefill_tokens(self) -> int:
         return self.beat.queued_prefill_tokens + self.placed_prefill_tokens
 
@@ -39,21 +47,49 @@ class WorkerLoad:
         return self.beat.waiting + self.placed_waiting
 
 
+@dataclass(frozen=True)
+class LostWorker:
+    """A worker incarnation that is gone, and why (for the worker-down event)."""
+
+    worker_id: str
+    incarnation: str
+    reason: str
+
+
 class WorkerRegistry:
     def __init__(self, ttl_s: float = WORKER_TTL_S, clock=time.monotonic):
         self.ttl_s = ttl_s
         self._clock = clock
         self._workers: dict[str, WorkerLoad] = {}
 
-    def observe(self, beat: Heartbeat) -> None:
+    def observe(self, beat: Heartbeat) -> LostWorker | None:
+        """Records a heartbeat; returns the previous incarnation if this one replaces it."""
+        previous = self._workers.get(beat.worker_id)
         self._workers[beat.worker_id] = WorkerLoad(beat=beat, seen_at=self._clock())
+        if previous is not None and previous.incarnation != beat.incarnation:
+            return LostWorker(beat.worker_id, previous.incarnation, "restarted (a new incarnation is beating)")
+        return None
 
     def alive(self) -> list[WorkerLoad]:
         now = self._clock()
-        expired = [wid for wid, load in self._workers.items() if now - load.seen_at > self.ttl_s]
-        for wid in expired:
-            del self._workers[wid]
-        return list(self._workers.values())
+        return [load for load in self._workers.values() if now - load.seen_at <= self.ttl_s]
+
+    def expire(self) -> list[LostWorker]:
+        """Forgets workers silent for longer than the TTL; returns them."""
+        now = self._clock()
+        lost = []
+        for worker_id, load in list(self._workers.items()):
+            silent = now - load.seen_at
+            if silent > self.ttl_s:
+                del self._workers[worker_id]
+                lost.append(LostWorker(worker_id, load.incarnation, f"no heartbeat for {silent:.1f}s"))
+        return lost
+
+    def forgive_silence(self) -> None:
+        """After this scheduler's own NATS outage: silence was ours, give every worker a fresh TTL."""
+        now = self._clock()
+        for load in self._workers.values():
+            load.seen_at = now
 
     def get(self, worker_id: str) -> WorkerLoad | None:
         return self._workers.get(worker_id)

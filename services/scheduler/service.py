@@ -2,10 +2,18 @@
 
 Several schedulers may run: placement requests are load-balanced by a NATS queue
 group, and every scheduler sees every heartbeat. Admin: `status`, `policy`, `loglevel`.
+
+Failure detection: the registry is swept every SWEEP_INTERVAL_S; a worker silent for
+longer than the TTL (or replaced by a new incarnation under its id) is announced on
+`<prefix>.events.worker_down`, so gateways migrate or end the requests placed on it
+within TTL + 1 s instead of waiting for their stall timeout. Every scheduler announces
+it (gateways ignore duplicates). After this scheduler's own NATS outage no worker is
+declared dead for the silence: each gets a fresh TTL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -14,10 +22,10 @@ from nats.aio.client import Client as NatsClient
 
 from services.scheduler.policy import Policy, place, record_placement
 from services.scheduler.readiness import readiness
-from services.scheduler.registry import WorkerLoad, WorkerRegistry
+from services.scheduler.registry import LostWorker, WorkerLoad, WorkerRegistry
 from shared import protocol
 from shared.admin import AdminError, start_admin
-from shared.protocol import ErrorCode, Heartbeat, PlaceRequest, Placement, ReadinessRequest, ServiceError
+from shared.protocol import ErrorCode, Heartbeat, PlaceRequest, Placement, ReadinessRequest, ServiceError, WorkerDown
 from shared.subjects import PLACE_QUEUE_GROUP, Subjects
 
 log = structlog.get_logger()
@@ -25,6 +33,8 @@ log = structlog.get_logger()
 _heartbeat_decoder = protocol.decoder(Heartbeat)
 _place_decoder = protocol.decoder(PlaceRequest)
 _ready_decoder = protocol.decoder(ReadinessRequest)
+
+SWEEP_INTERVAL_S = 0.25
 
 
 def worker_status(load: WorkerLoad, now: float) -> dict:
@@ -58,6 +68,8 @@ class SchedulerService:
         self.placed = 0
         self._subscriptions = []
         self._admin = None
+        self._sweeper: asyncio.Task | None = None
+        self._reconnects_seen = 0
 
     async def start(self) -> None:
         self._subscriptions = [
@@ -68,9 +80,13 @@ class SchedulerService:
         self._admin = await start_admin(
             self.nc, self.subjects, "scheduler", self.instance_id, {"status": self._status, "policy": self._policy}
         )
+        self._reconnects_seen = self.nc.stats["reconnects"]
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
         log.info("scheduler_started", instance=self.instance_id, **self.policy.to_json())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._admin is not None:
             await self._admin.stop()
         for sub in self._subscriptions:
@@ -78,9 +94,38 @@ class SchedulerService:
 
     async def _on_heartbeat(self, msg) -> None:
         try:
-            self.registry.observe(_heartbeat_decoder.decode(msg.data))
+            beat = _heartbeat_decoder.decode(msg.data)
         except msgspec.DecodeError:
             log.warning("malformed_heartbeat", subject=msg.subject)
+            return
+        replaced = self.registry.observe(beat)
+        if replaced is not None:
+            await self._announce_down(replaced)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+            except Exception:  # a NATS hiccup must not end failure detection
+                log.exception("sweep_failed")
+
+    async def sweep(self) -> None:
+        """Announces every worker whose heartbeats stopped (not while NATS itself is away)."""
+        if not self.nc.is_connected:
+            return
+        reconnects = self.nc.stats["reconnects"]
+        if reconnects != self._reconnects_seen:
+            self._reconnects_seen = reconnects
+            self.registry.forgive_silence()
+            return
+        for lost in self.registry.expire():
+            await self._announce_down(lost)
+
+    async def _announce_down(self, lost: LostWorker) -> None:
+        log.warning("worker_down", worker=lost.worker_id, incarnation=lost.incarnation, reason=lost.reason)
+        event = WorkerDown(lost.worker_id, lost.incarnation, lost.reason)
+        await self.nc.publish(self.subjects.worker_down, protocol.encode(event))
 
     async def _on_place(self, msg) -> None:
         try:

@@ -59,6 +59,7 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
         ignore_eos=sampling.ignore_eos,
         stop_token_ids=tuple(sampling.stop_token_ids),
         logprobs=sampling.logprobs,
+        step_offset=sampling.step_offset,
     )
 
 

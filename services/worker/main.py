@@ -21,6 +21,7 @@ from shared.log import configure_logging
 from shared.nats_auth import connect_options_for
 from shared.nats_permissions import NatsRole
 from shared.protocol import RankAddress, Role
+from shared.shutdown import wait_for_either
 from shared.ranks.channel import LeaderChannel
 from shared.ranks.follower import Follower
 from shared.ranks.leader_group import LeaderGroup
@@ -59,7 +60,9 @@ async def run(args: argparse.Namespace) -> int:
     group = RankSetup.for_layout(layout, args)
     # One thread per rank by default when a layout runs several ranks on one host: they share its cores.
     torch.set_num_threads(args.threads or (1 if layout.world > 1 else torch.get_num_threads()))
-    stop = stop_event_on_signals() if group.rank == 0 else None  # other ranks die on SIGTERM; their leader stops them
+    # Until the service is up (loading, connecting) a signal ends the process at once: nothing to drain yet.
+    # Other ranks always die on SIGTERM; their leader stops them.
+    stop = asyncio.Event() if group.rank == 0 else None
     try:
         store = await group.join(args.dist_timeout)
         if group.rank == 0:  # the leader: NATS, scheduling, and its own shard
@@ -150,7 +153,10 @@ async def _lead(args, role: Role, worker_id: str, layout, group: RankSetup, stor
         sessions_group.bind(lambda work: service.ctx.engine_loop.call(engine.channel.broadcast, work))
     await service.start()
     watcher = asyncio.create_task(group.watch(lambda rank, how: asyncio.ensure_future(service.group_failed(how))))
-    await stop.wait()
+    signalled = stop_event_on_signals()
+    await wait_for_either(signalled, stop)  # SIGTERM, or an admin drain that finished, or the group failed
+    if not stop.is_set():  # SIGTERM: the admin drain's behaviour, bounded; what is left ends as unavailable
+        await service.drain_now(args.drain_timeout)
     watcher.cancel()
     log.info("worker_stopping", exit_code=exit_code)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 
 import msgspec
@@ -94,6 +95,7 @@ class WorkerService:
         self._tasks: list[asyncio.Task] = []
         self._admin = None
         self._warmed: set[tuple[str, int]] = set()
+        self.incarnation = uuid.uuid4().hex[:12]  # this run of the process: a restart under the same id is another
 
     @property
     def engine(self) -> Engine:
@@ -403,6 +405,7 @@ class WorkerService:
             metrics_port=self.metrics_port,
             layout=ctx.layout.describe(),
             dp_load=engine.dp_loads() if engine.dp > 1 else [],
+            incarnation=self.incarnation,
         )
 
     def _rank_metrics(self) -> None:

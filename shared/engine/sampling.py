@@ -33,6 +33,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # finish with "stop" on these, even with ignore_eos
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely (k <= 5)
+    step_offset: int = 0  # tokens generated elsewhere before (a migrated request): added to each draw's index
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:  # also rejects NaN
@@ -45,6 +46,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.step_offset < 0:
+            raise ValueError(f"step_offset must be >= 0, got {self.step_offset}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -63,10 +66,13 @@ class RequestSampler:
         self._generator = torch.Generator(device="cpu")
 
     def sample(self, logits: torch.Tensor, step: int) -> int:
-        """The token for generated index `step` (0 for the first token) from logits `[vocab]`."""
+        """The token for generated index `step` (0 for the first token here) from logits `[vocab]`.
+
+        The draw is seeded by the request's own index, `step + step_offset`.
+        """
         if self.params.greedy:
             return int(logits.argmax())
-        self._generator.manual_seed(_step_seed(self.seed, step))
+        self._generator.manual_seed(_step_seed(self.seed, step + self.params.step_offset))
         probs = _filtered_probs(logits.float(), self.params)
         return int(torch.multinomial(probs, 1, generator=self._generator))
 

@@ -71,6 +71,8 @@ def who_may(action: str, subject: str, subjects: Subjects = SUBJECTS) -> set[str
         ("subscribe", SUBJECTS.heartbeat("decode", "decode-1"), {"scheduler", "worker", "admin"}),
         ("publish", SUBJECTS.stream("chatcmpl-1"), {"worker"}),
         ("subscribe", SUBJECTS.stream("chatcmpl-1"), {"gateway"}),
+        ("publish", SUBJECTS.worker_down, {"scheduler"}),  # failure detection: schedulers tell gateways
+        ("subscribe", SUBJECTS.worker_down, {"gateway", "admin"}),
         ("publish", SUBJECTS.admin("decode-1", "drain"), {"admin"}),
         ("subscribe", SUBJECTS.admin("decode-1", "drain"), {"gateway", "scheduler", "worker"}),
         ("publish", "$SRV.PING", {"admin"}),
@@ -89,7 +91,7 @@ def test_replies_go_to_each_roles_own_inbox_and_prefixes_stay_apart():
     other = Subjects("blue")
     assert who_may("publish", SUBJECTS.place, other) == set() and who_may("subscribe", SUBJECTS.stream("r"), other) == set()
     entries = {role: perms.server_entry() for role, perms in all_role_permissions(SUBJECTS).items()}
-    assert entries[NatsRole.SCHEDULER]["publish"] == {"deny": [">"]}  # answers requests, publishes nothing
+    assert entries[NatsRole.SCHEDULER]["publish"] == {"allow": [SUBJECTS.worker_down]}  # answers requests; announces dead workers
     assert [role for role, entry in entries.items() if not entry["allow_responses"]] == [NatsRole.ADMIN]
 
 
