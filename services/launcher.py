@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,6 +116,7 @@ def run_stack(args: argparse.Namespace) -> int:
     supervisor = Supervisor()
     exit_code = 0
     state_file = None
+    logs = None
     try:
         if not args.nats:
             nats = EmbeddedNats(config=auth.server_config)
@@ -152,6 +154,8 @@ def run_stack(args: argparse.Namespace) -> int:
         if nats is not None:
             nats.stop()
         auth.close()
+        if logs is not None and exit_code == 0:
+            shutil.rmtree(logs.run_dir, ignore_errors=True)  # kept only when something failed, for its logs
     return exit_code
 
 
@@ -181,7 +185,10 @@ def _service_children(
     args: argparse.Namespace, mode: Mode, nats_url: str, workers: list[WorkerPlan], auth: StackAuth, logs: ServiceLogs
 ) -> list[Child]:
     """Scheduler, workers, gateway: in start order, each with its role's secrets in its environment."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
+    from shared.layouts import parse_layout
+
+    ranks = sum(parse_layout(w.layout, "prefill" if w.role == "prefill" else "decode").world for w in workers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)  # every rank is a process sharing the cores
     base = [sys.executable, "-m", "services.cli"]
     common = ["--nats", nats_url, "--prefix", args.prefix, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
     common += auth.nats.tls_flags()

@@ -63,11 +63,21 @@ class KvReceiver:
         self._listener = ucxx.create_listener(keep_endpoint, port=0)
 
     async def receive(self, segments: Sequence[KvSegment], timeout: float) -> tuple[list[torch.Tensor], TransferStats]:
-        """Posts one receive per segment; returns the raw byte buffers in segment order."""
+        """Posts one receive per segment; returns the raw byte buffers in segment order.
+
+        TimeoutError after `timeout`; the caller may also be cancelled. Either way the posted
+        receives are left to finish, not cancelled (see `_settle`).
+        """
         buffers = [host_buffer(seg.nbytes) for seg in segments]
         started = time.perf_counter()
-        receives = [ucxx.recv(buf.numpy(), tag=seg.tag) for buf, seg in zip(buffers, segments)]
-        await asyncio.wait_for(asyncio.gather(*receives), timeout=timeout)
+        receives = [asyncio.ensure_future(ucxx.recv(buf.numpy(), tag=seg.tag)) for buf, seg in zip(buffers, segments)]
+        _settle(receives)
+        if receives:
+            done, pending = await asyncio.wait(receives, timeout=timeout)  # wait() cancels nothing, even when cancelled
+            if pending:
+                raise TimeoutError(f"{len(pending)} of {len(receives)} KV messages did not arrive within {timeout:.1f} s")
+            for receive in done:
+                receive.result()  # a transport failure
         stats = TransferStats(
             nbytes=sum(seg.nbytes for seg in segments),
             seconds=time.perf_counter() - started,
@@ -126,15 +136,14 @@ class KvSender:
                 index += 1
             if index != len(segments):
                 raise ValueError(f"{index} buffers for {len(segments)} segments")
-            await asyncio.gather(*sends)
+            if sends:
+                await asyncio.wait(sends)  # not gather: a cancelled push leaves its sends to finish (`_settle`)
+            for send in sends:
+                send.result()
         except UCXError as exc:
-            for send in sends:
-                send.cancel()
             raise ConnectionError(f"KV send to the UCX listener at {host}:{port} failed: {exc!r}") from exc
-        except BaseException:
-            for send in sends:
-                send.cancel()
-            raise
+        finally:
+            _settle(sends)
         return TransferStats(
             nbytes=sum(seg.nbytes for seg in segments),
             seconds=time.perf_counter() - started,
@@ -146,6 +155,34 @@ class KvSender:
             if not endpoint.closed:
                 await endpoint.close()
         self._endpoints.clear()
+
+
+# A tagged receive nobody sends to stays posted; after this long no sender can still be
+# sending it (hand-offs hold their KV for a lease of seconds), so cancelling it is safe.
+ABANDONED_RECEIVE_S = 300.0
+
+
+def _settle(operations: list[asyncio.Future]) -> None:
+    """Lets UCX operations finish on their own instead of cancelling them.
+
+    Cancelling a receive or send that UCX is still serving frees its buffer while UCX may
+    write into (or read from) it: memory corruption, seen here as an aborted process after
+    many cancelled hand-offs. A pending operation keeps its buffer alive (its coroutine holds
+    it), so an abandoned one simply finishes later, or a receive that nobody sends to is
+    cancelled once `ABANDONED_RECEIVE_S` has passed. Its late outcome is consumed quietly.
+    """
+    loop = asyncio.get_running_loop()
+    for operation in operations:
+        if operation.done():
+            _consume(operation)
+            continue
+        deadline = loop.call_later(ABANDONED_RECEIVE_S, operation.cancel)
+        operation.add_done_callback(lambda done, timer=deadline: (timer.cancel(), _consume(done)))
+
+
+def _consume(operation: asyncio.Future) -> None:
+    if not operation.cancelled():
+        operation.exception()
 
 
 async def _aiter(buffers: Sequence[torch.Tensor] | AsyncIterable[torch.Tensor]) -> AsyncIterator[torch.Tensor]:
