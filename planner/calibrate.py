@@ -37,7 +37,7 @@ DIRECTION_THRESHOLD = 0.2  # the P99 TTFT direction is checked when the modes di
 # disagree by more than this: another job came or went on the shared cores during the run, so
 # neither probe describes the machine the run saw. The last attempt is kept whatever it shows.
 DISTURBED = 1.5
-ATTEMPTS = 3
+ATTEMPTS = 2
 BOOTSTRAP_RESAMPLES = 4000
 BOOTSTRAP_INTERVAL = (5.0, 95.0)
 
@@ -82,6 +82,22 @@ class Check:
         low, high = np.percentile(p99s[1] / p99s[0], BOOTSTRAP_INTERVAL)
         return float(low), float(high)
 
+    def goals_met(self) -> bool:
+        """The issue's goals: P50 TTFT and mean TPOT within 2x in both modes, the P99 direction not opposite."""
+        within = all(self.within(m, k) for m in ("colocated", "disagg") for k in ("p50_ttft_ms", "mean_tpot_ms"))
+        return within and self.p99_direction()[2] is not False
+
+    def probe_spread(self) -> float:
+        """The machine's own noise while it was measured: the largest max/min TTFT of one prompt
+        length sent one request at a time into an idle stack (profile.StackProbe). Over 2 (the
+        tolerance checked), one and the same request varied more than the goal allows."""
+        spread = 1.0
+        for probe in self.profile.get("stacks", {}).values():
+            for prompt in {s["prompt"] for s in probe["samples"]}:
+                ttfts = [s["ttft_s"] for s in probe["samples"] if s["prompt"] == prompt]
+                spread = max(spread, max(ttfts) / max(min(ttfts), 1e-9))
+        return spread
+
     def table(self) -> str:
         rows = [f"{'metric':<32} {'mode':<10} {'measured':>10} {'predicted':>10} {'ratio':>7}"]
         for key in CHECKED:
@@ -96,6 +112,7 @@ class Check:
             verdict = "same direction" if same else "OPPOSITE direction"
         rows.append(f"P99 TTFT disagg/colocated: measured {measured:.2f}x (resampled 90%: {low:.2f}-{high:.2f}x), "
                     f"predicted {predicted:.2f}x: {verdict}")
+        rows.append(f"machine noise: one request's TTFT varied up to {self.probe_spread():.1f}x between identical probes")
         for mode in ("colocated", "disagg"):
             if "calibrate_attempts" in self.measured[mode]:
                 rows.append(f"{mode}: measured run {self.measured[mode]['calibrate_attempts']} of at most {ATTEMPTS}; probes around it "

@@ -35,3 +35,18 @@ def test_a_difference_made_by_one_slow_request_is_noise_and_not_checked():
 
 def test_under_twenty_percent_is_not_checked():
     assert check(0.05 * SPREAD, 0.055 * SPREAD, predicted_ratio=0.5).p99_direction()[2] is None
+
+
+def with_goals(p50_ratio, probe_ttfts):
+    measured = {m: {"p50_ttft_ms": 100.0, "mean_tpot_ms": 10.0, "p99_ttft_ms": 200.0, "ttfts": [0.1] * 20}
+                for m in ("colocated", "disagg")}
+    predicted = {m: {"p50_ttft_ms": 100.0 * p50_ratio, "mean_tpot_ms": 10.0, "p99_ttft_ms": 200.0} for m in ("colocated", "disagg")}
+    samples = [{"prompt": 32, "ttft_s": t, "gaps_s": []} for t in probe_ttfts]
+    return Check(measured, predicted, {"stacks": {"colocated": {"samples": samples}}})
+
+
+def test_goals_and_the_noise_that_allows_a_second_measurement():
+    assert with_goals(1.5, [0.01, 0.012]).goals_met()
+    assert not with_goals(2.5, [0.01, 0.012]).goals_met()  # P50 TTFT predicted 2.5x: missed
+    assert with_goals(2.5, [0.01, 0.012]).probe_spread() == 1.2  # a steady machine: no second try
+    assert with_goals(2.5, [0.01, 0.05, 0.012]).probe_spread() == 5.0  # one probe 5x the fastest: noisy
