@@ -38,7 +38,7 @@ def auto_policy(model: ModelSpec, hardware: Hardware, disagg: Deployment, mean_i
     remote_rate = mean_input / prefill_seconds(remote_cost, mean_input, prefill.step_tokens)
     local_rate = mean_input / prefill_seconds(local_cost, mean_input, decode.step_tokens)
     links = remote_cost.handoff_links(decode.layout)
-    bandwidth = hardware.nic_bandwidth * hardware.efficiency.nic * links
+    bandwidth = hardware.handoff_bandwidth(disagg.devices) * links
     kv_per_token = model.kv_bytes_per_token(hardware.kv_bytes)
     base = scheduler_policy.Policy().updated({
         "mode": "auto",

@@ -21,8 +21,9 @@ its latency plus a ring's bytes over NVLink when the group fits in one NVLink do
 over the NIC. Pipeline stages run one step one after another, so pp adds p2p hops and
 divides memory, not time. Data-parallel groups step in lockstep: the step waits for the
 busiest group (decodes spread evenly; a prompt chunk sits in one group).
-A KV hand-off moves prompt * KV bytes per token over the NIC, one link per (source,
-destination) rank pair that holds distinct KV heads, plus a fixed overhead.
+A KV hand-off moves prompt * KV bytes per token, one link per (source, destination) rank pair
+that holds distinct KV heads, plus a fixed overhead: over NVLink when the whole deployment
+fits in one NVLink domain, else over the NIC (hardware.handoff_bandwidth).
 Efficiency factors: efficiency.py.
 """
 
@@ -203,8 +204,9 @@ class CostModel:
         dst = min(decode_layout.tp, heads) * decode_layout.pp
         return max(1, min(src, dst))
 
-    def handoff_time(self, prompt_tokens: int, decode_layout: Layout) -> float:
+    def handoff_time(self, prompt_tokens: int, decode_layout: Layout, devices: int) -> float:
+        """One prompt's KV from this instance to a `decode_layout` instance, in a deployment of `devices`."""
         hw = self.hardware
         nbytes = prompt_tokens * self.model.kv_bytes_per_token(hw.kv_bytes)
-        bandwidth = hw.nic_bandwidth * hw.efficiency.nic * self.handoff_links(decode_layout)
+        bandwidth = hw.handoff_bandwidth(devices) * self.handoff_links(decode_layout)
         return hw.efficiency.handoff_overhead_s + nbytes / bandwidth

@@ -66,6 +66,13 @@ class Hardware:
             return self.nvlink_bandwidth * self.efficiency.nvlink
         return self.nic_bandwidth * self.efficiency.nic
 
+    def handoff_bandwidth(self, devices: int) -> float:
+        """Achieved bandwidth of one KV hand-off link (one source rank to one destination rank) in a
+        deployment of `devices`: over NVLink when the whole deployment sits in one NVLink domain
+        (prefill and decode instances side by side), else over the NIC (they may be on different
+        nodes, and in general are)."""
+        return self.link_bandwidth(devices)
+
     def link_latency(self, group_size: int) -> float:
         eff = self.efficiency
         return eff.nvlink_latency_s if group_size <= self.nvlink_domain else eff.nic_latency_s

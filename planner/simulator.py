@@ -205,7 +205,7 @@ class Simulation:
             return
         hw = self.config.hardware
         cost = source.cost
-        transfer = cost.handoff_time(req.input_len, decode.layout)
+        transfer = cost.handoff_time(req.input_len, decode.layout, self.config.deployment.devices)
         overhead = min(hw.efficiency.handoff_overhead_s, transfer)
         start = max(self.now + overhead, source.link_free_at, decode.link_free_at)
         landed = start + transfer - overhead

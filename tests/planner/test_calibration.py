@@ -6,7 +6,8 @@ profile of the same engine and the same stacks. Goals from the issue: P50 TTFT a
 TPOT of each mode within 2x, and the direction of the P99 TTFT difference between the modes
 when it is over 20%. The load is light enough (3 req/s) that neither mode saturates on this
 shared 2-core machine: near saturation a small error in a step time multiplies into the
-queue (docs/planner.md shows that case too).
+queue (docs/planner.md shows that case too). Why and when a measurement is repeated: the
+`check` fixture and docs/planner.md ("Making the check robust").
 """
 
 import pytest
@@ -21,9 +22,22 @@ from planner.profile import LocalProfile
 pytestmark = pytest.mark.slow
 
 
+NOISY = 2.0  # probe spread (Check.probe_spread) above the 2x tolerance itself
+
+
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
+    """One calibration; measured once more, whole, only when its goals were missed *and* the
+    machine was measurably noisier than the tolerance (the same single request's TTFT varied
+    over 2x between probes a few seconds apart: other jobs on the two cores). The second is
+    kept whatever it shows: a planner that is wrong fails both, and on a steady machine a
+    miss fails at once."""
     plan = Plan(LONG_PROMPT, OpenLoop(3.0), Limits(num_requests=20), seed=0)
+    first = calibrate("tiny-llama", plan, workers=2, out_dir=tmp_path_factory.mktemp("calibrate"))
+    if first.goals_met() or first.probe_spread() <= NOISY:
+        return first
+    print(f"first calibration missed its goals on a noisy machine (probe spread {first.probe_spread():.1f}x):\n"
+          f"{first.table()}\nmeasuring again")
     return calibrate("tiny-llama", plan, workers=2, out_dir=tmp_path_factory.mktemp("calibrate"))
 
 

@@ -91,14 +91,19 @@ def test_collectives_across_the_nvlink_domain_cost_more_than_inside_it():
     assert across.comm_s > 4 * inside.comm_s
 
 
-def test_handoff_time_is_bytes_over_the_nic_links_plus_overhead():
+def test_handoff_time_is_bytes_over_the_links_plus_overhead():
     qwen = load_model_spec("qwen3-235b-a22b")
     prefill = CostModel(qwen, GB200_NVL72, PrefillLayout(tp=4, ep=4))
     decode = DecoderLayout(dp=4, ep=16)  # tp 4: four rank pairs hold distinct KV heads
     nbytes = 6144 * qwen.kv_bytes_per_token(2)
-    expected = 1e-3 + nbytes / (50e9 * 0.8 * 4)
     assert prefill.handoff_links(decode) == 4
-    assert prefill.handoff_time(6144, decode) == pytest.approx(expected, rel=1e-12)
+    # the whole deployment inside the 72-GPU NVLink domain: 900 GB/s NVLink at 70% per link
+    assert prefill.handoff_time(6144, decode, devices=72) == pytest.approx(1e-3 + nbytes / (900e9 * 0.7 * 4), rel=1e-12)
+    # past one domain (two racks): 400 Gb/s ConnectX-7 at 80% per link
+    assert prefill.handoff_time(6144, decode, devices=144) == pytest.approx(1e-3 + nbytes / (50e9 * 0.8 * 4), rel=1e-12)
+    # 8-GPU nodes: a 16-GPU deployment hands off between nodes, over the NIC
+    on_nodes = CostModel(qwen, B200_HGX8, PrefillLayout(tp=4, ep=4))
+    assert on_nodes.handoff_time(6144, decode, devices=16) == pytest.approx(1e-3 + nbytes / (50e9 * 0.8 * 4), rel=1e-12)
 
 
 def test_kv_capacity_comes_from_the_memory_left_after_the_weights():

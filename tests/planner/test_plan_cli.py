@@ -11,11 +11,11 @@ import json
 import pytest
 
 from planner import cli
-from planner.hardware import GB200_NVL72
+from planner.hardware import GB200_NVL72, H200_HGX8
 from planner.metrics import Slo
 from planner.model_spec import load_model_spec
 from planner.cost_model import CostModel, decode_batch
-from planner.deployment import Deployment, Pool
+from planner.deployment import Deployment, Pool, kv_tokens
 from planner.scenario import Scenario
 from planner.search import goodput
 from planner.workload import RequestSource
@@ -84,6 +84,28 @@ def test_a_small_model_with_short_chat_prompts_recommends_colocated(capsys, tmp_
     assert document["modes"]["colocated"]["goodput_per_device"] > document["modes"]["disagg"]["goodput_per_device"]
     policy = parsed_policy(document["policy_command"])
     assert policy.remote_min_prompt_tokens == 131072  # the whole context: auto keeps every prefill local
+
+
+def test_an_8_gpu_nvlink_domain_gains_less_from_disaggregation_than_nvl72(capsys, tmp_path, seed_plan):
+    """The seed's third rule, one NVLink domain against another (each the planner's default
+    --devices): the 8-GPU HGX H200 box gains less than the NVL72 rack, for cost-model reasons
+    checked here first. The bf16 weights (470 GB) need 4 of the box's 141 GB GPUs, so the box
+    splits only 4 + 4; the decode half keeps KV for ~29 six-thousand-token requests (the whole
+    box ~212), and every decode step reads twice the weights per GPU. NVL72 sizes its pools to the
+    workload (docs/planner.md)."""
+    model = load_model_spec("qwen3-235b-a22b")
+    half, whole = DecoderLayout(tp=4, ep=4), DecoderLayout(tp=8, ep=8)
+    assert kv_tokens(model, H200_HGX8, DecoderLayout(tp=2, ep=2)) == 0  # 2 GPUs do not hold it
+    assert 7 * kv_tokens(model, H200_HGX8, half) < kv_tokens(model, H200_HGX8, whole)
+    steps = [CostModel(model, H200_HGX8, layout).step_time(decode_batch(16, 6400)) for layout in (half, whole)]
+    assert steps[0] > 1.6 * steps[1]
+
+    box = run_json(capsys, tmp_path, "--model", "qwen3-235b-a22b", "--hardware", "h200-hgx8",
+                   "--input-len", "6144", "--output-len", "512")
+    gain = {name: plan["modes"]["disagg"]["goodput_per_device"] / plan["modes"]["colocated"]["goodput_per_device"]
+            for name, plan in (("nvl72", seed_plan), ("hgx8", box))}
+    assert box["modes"]["disagg"]["devices"] <= 8 and box["recommendation"] == "colocated"
+    assert gain["hgx8"] < 1.0 < gain["nvl72"]
 
 
 def test_a_decode_pool_past_an_8_gpu_nvlink_domain_loses_to_one_inside_nvl72():

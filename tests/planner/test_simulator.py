@@ -47,7 +47,7 @@ def test_one_disaggregated_request_end_to_end_is_prefill_plus_handoff_plus_its_d
     (req,) = result.requests
     prefill = CostModel(MODEL, HW, PrefillLayout(tp=1))
     decode = CostModel(MODEL, HW, DecoderLayout(tp=1))
-    handoff = prefill.handoff_time(1000, DecoderLayout(tp=1))
+    handoff = prefill.handoff_time(1000, DecoderLayout(tp=1), devices=2)
     steps = sum(decode.step_time(decode_batch(1, 1000 + i)) for i in range(4))  # tokens 2..5
     expected = prefill.step_time(prompt_chunk(1000, 0)) + handoff + steps
     assert req.finished_at == pytest.approx(expected, rel=1e-12)
