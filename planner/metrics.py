@@ -68,9 +68,9 @@ def _ms(values: list[float], p: float) -> float | None:
     return float(np.percentile(values, p)) * 1000 if values else None
 
 
-def summarize(result: SimResult, slo: Slo | None = None, scale: int = 1) -> Summary:
+def summarize(result: SimResult, slo: Slo | None = None, scale: float = 1.0) -> Summary:
     """Statistics of the measured requests (after the warm-up); throughputs times `scale`
-    when the run simulated one of `scale` identical units of the deployment."""
+    when the run simulated 1/`scale` of the deployment (identical parts)."""
     overhead = result.request_overhead_s
     measured = result.measured
     ok = [r for r in measured if r.finished_at is not None]

@@ -2,13 +2,18 @@
 
 - `run`: exactly the given arrivals on the whole deployment, every request counted, as a
   bench run sends them (to set beside a measured `pdserve bench` run).
-- `steady`: steady state at a rate. The deployment's smallest identical unit (one
-  colocated instance; prefill and decode instance counts divided by their greatest common
-  divisor) runs at its share of the rate; the first requests, as many as the system holds
-  at the SLOs' edge (rate x (mean output x TPOT SLO + TTFT SLO)), fill it and are left out
-  of the statistics (a goodput search passes 1.5x the mean time in system its previous
-  probe measured, when shorter). Placement spreads load evenly, so identical units behave
-  alike; only pooling across units is lost (slightly pessimistic tails).
+- `steady`: steady state at a rate. A *pooled part* of the deployment runs at its share of
+  the rate: copies of its smallest identical unit (one colocated instance; prefill and
+  decode instance counts divided by their greatest common divisor) until the part has
+  `POOLED_INSTANCES` instances or is the whole deployment. The first requests, as many as
+  the system holds at the SLOs' edge (rate x (mean output x TPOT SLO + TTFT SLO)), fill it
+  and are left out of the statistics (a goodput search passes 1.5x the mean time in system
+  its previous probe measured, when shorter). Placement spreads load evenly, so parts
+  behave alike; only pooling across parts is lost. Why not the bare unit: a queue served
+  by 2 instances waits far longer than one served by 4 at the same load, so simulating
+  4 prefill + 2 decode as two units of 2 + 1 made it lose ~10% goodput to 4 + 1 with the
+  very same prefill pool: the ranking of candidates then followed how their counts
+  factor, not the hardware.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from planner.workload import RequestSource
 from services.scheduler.policy import Mode
 from shared.protocol import Role
 
-MAX_WARMUP = 2000  # requests simulated before a steady-state run starts counting
+MAX_WARMUP = 2000
+POOLED_INSTANCES = 8  # a steady-state run simulates at least this many instances (or all): queues pool as deployed  # requests simulated before a steady-state run starts counting
 # Step budgets (max_num_batched_tokens) tried per role: pdserve's defaults (2048 prefill, 512
 # where decodes run) and larger ones, so colocated gets its best prefill/decode trade-off too.
 STEP_BUDGETS = {Role.BOTH: (512, 2048, 8192), Role.PREFILL: (2048, 8192), Role.DECODE: (512,)}
@@ -39,6 +45,22 @@ def unit(deployment: Deployment) -> tuple[Deployment, int]:
     scale = math.gcd(*(p.count for p in deployment.pools))
     pools = tuple(dataclasses.replace(p, count=p.count // scale) for p in deployment.pools)
     return Deployment(deployment.mode, pools), scale
+
+
+def pooled_part(deployment: Deployment) -> tuple[Deployment, float]:
+    """Copies of the smallest unit with at least `POOLED_INSTANCES` instances (or the whole), and
+    the share of the deployment's traffic it serves."""
+    smallest, scale = unit(deployment)
+    instances = sum(p.count for p in smallest.pools)
+    copies = min(scale, math.ceil(POOLED_INSTANCES / instances))
+    if deployment.mode is Mode.COLOCATED:
+        # Stopgap, not physics: colocated instances pooled behind the project's placement
+        # policy lose goodput (llama-3.1-8b on 8 x h100, 256/256: 90% attainment at ~150
+        # req/s pooled vs ~350 alone; TTFT queues on some instances), which is unexplained
+        # yet. Until it is, colocated keeps the bare unit it was always simulated with.
+        copies = 1
+    pools = tuple(dataclasses.replace(p, count=p.count * copies) for p in smallest.pools)
+    return Deployment(deployment.mode, pools), copies / scale
 
 
 @dataclass(frozen=True)
@@ -93,9 +115,9 @@ class Scenario:
 
     def steady(self, deployment: Deployment, rate: float, measured: int, lifetime_s: float | None = None) -> Summary:
         """`lifetime_s`: how long requests stay (default: at the SLOs' edge); the warm-up is rate x that."""
-        part, scale = unit(deployment)
-        share = rate / scale
+        part, fraction = pooled_part(deployment)
+        share = rate * fraction
         lifetime = min(lifetime_s or self.slo_lifetime_s, self.slo_lifetime_s)
         warmup = min(MAX_WARMUP, math.ceil(share * lifetime))
         arrivals = self.source.at_rate(share, warmup + measured)
-        return summarize(simulate(self.sim_config(part, warmup=warmup), arrivals), self.slo, scale)
+        return summarize(simulate(self.sim_config(part, warmup=warmup), arrivals), self.slo, 1 / fraction)
