@@ -3,7 +3,7 @@
 A header (payload length) then the msgpack payload: two gloo broadcasts per message.
 Chosen over a shared-memory queue because it works the same when a group spans hosts
 (torchrun), and because it is cheap next to the step's own collectives: measured with
-`python -m kernels.bench_rank_group` (docs/benchmarks.md). Only the leader's engine thread
+`pdserve bench ranks` (plan broadcast share of the step, docs/benchmarks.md). Only the leader's engine thread
 broadcasts, so messages are totally ordered with the steps they refer to.
 """
 
