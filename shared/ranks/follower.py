@@ -88,6 +88,10 @@ class Follower:
                     self.transfer.hold(request_id, runner.export(table, num_tokens))
                 case Scatter(session_id=session_id, block_table=table):
                     self.transfer.scatter(session_id, table)
+                case Receive(session_id=session_id, plan=key) if not self.transfer.has_part(transfer_plan(key), "dst"):
+                    # Recorded here, in channel order: the leader does not wait for ranks with no part,
+                    # so its Scatter may come next, before this rank's event loop would get to it.
+                    self.transfer.expect_nothing(session_id)
                 case Prepare() | Send() | Receive() | Drop():
                     self._loop.call_soon_threadsafe(self._start, work)
                 case Keepalive(forget=forget):
@@ -125,12 +129,8 @@ class Follower:
                 if transfer.has_part(plan, "src"):  # the leader waits only for ranks with pairs to send
                     await self._report("send", session_id, transfer.send(session_id, plan, {p.rank: (p.host, p.port) for p in peers}))
             case Receive(session_id=session_id, plan=key, segments=segments, num_tokens=num_tokens, timeout=timeout):
-                plan = transfer_plan(key)
-                move = transfer.receive(session_id, plan, segments, num_tokens, timeout)
-                if transfer.has_part(plan, "dst"):
-                    await self._report("receive", session_id, move)
-                else:
-                    await move  # records that nothing comes here, so the scatter skips this rank
+                # Only a rank with a part gets here (`_follow` records the others at once).
+                await self._report("receive", session_id, transfer.receive(session_id, transfer_plan(key), segments, num_tokens, timeout))
 
     async def _report(self, op: str, session_id: str, move) -> None:
         try:

@@ -119,7 +119,7 @@ class RankTransfer:
         view = rank_view(plan, "dst", self.rank)
         mine = [seg for seg in segments if seg.dst_rank == self.rank]
         if not mine:
-            self._no_part.add(session_id)
+            self.expect_nothing(session_id)
             return TransferStats(0, 0.0, 0)
         task = asyncio.ensure_future(self.transport.receive(mine, timeout))
         self._receiving[session_id] = task
@@ -140,6 +140,10 @@ class RankTransfer:
         self.bytes_received += sum(sizes)
         self.inbox[session_id] = RankReceived(session_id, view, num_tokens, list(buffers), stats)
         return stats
+
+    def expect_nothing(self, session_id: str) -> None:
+        """Records that no KV of this session comes to this rank, so its scatter skips it."""
+        self._no_part.add(session_id)
 
     def scatter(self, session_id: str, block_table: list[int]) -> None:
         """Writes the received KV into this rank's pages (the engine thread, between steps)."""
