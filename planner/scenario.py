@@ -54,10 +54,12 @@ def pooled_part(deployment: Deployment) -> tuple[Deployment, float]:
     instances = sum(p.count for p in smallest.pools)
     copies = min(scale, math.ceil(POOLED_INSTANCES / instances))
     if deployment.mode is Mode.COLOCATED:
-        # Stopgap, not physics: colocated instances pooled behind the project's placement
-        # policy lose goodput (llama-3.1-8b on 8 x h100, 256/256: 90% attainment at ~150
-        # req/s pooled vs ~350 alone; TTFT queues on some instances), which is unexplained
-        # yet. Until it is, colocated keeps the bare unit it was always simulated with.
+        # Stopgap, not physics: pooled behind the scheduler, colocated instances lose goodput
+        # to its herding (the registry never subtracts completions since a heartbeat, so the
+        # worker that beat last looks lightest and takes every request until it looks as
+        # heavy; docs/planner.md "Colocated pooling"). Until services/scheduler/ is fixed,
+        # colocated keeps the bare unit; a strict-xfail test in tests/planner/test_simulator.py
+        # starts failing when it is.
         copies = 1
     pools = tuple(dataclasses.replace(p, count=p.count * copies) for p in smallest.pools)
     return Deployment(deployment.mode, pools), copies / scale
