@@ -14,7 +14,10 @@ import time
 from services.admin.client import AdminCallError, AdminSession
 
 # What a worker's own `status` adds to what the scheduler knows from its heartbeats: its field -> ours.
-WORKER_OWN_FIELDS = {"requests": "in_flight", "generated_tokens_total": "generated_tokens_total", "prompt_tokens_total": "prompt_tokens_total"}
+WORKER_OWN_FIELDS = {
+    "requests": "in_flight", "generated_tokens_total": "generated_tokens_total", "prompt_tokens_total": "prompt_tokens_total",
+    "ranks": "ranks",  # one row per rank process of the worker's group
+}  # fmt: skip
 
 
 async def take_status(session: AdminSession) -> dict:
@@ -91,7 +94,32 @@ def status_lines(report: dict) -> list[str]:
         )
     if not report["workers"]:
         lines.append("(no workers)" if report["policy"] is not None else "(no scheduler answered: workers unknown)")
+    return lines + rank_lines(report)
+
+
+def rank_lines(report: dict) -> list[str]:
+    """Every worker's rank processes: where each runs, its KV blocks and what it moved over UCX."""
+    rows = [(w["worker_id"], rank) for w in report["workers"] for rank in w.get("ranks", [])]
+    if not rows:
+        return []
+    lines = ["", f"{'rank':<24} {'pid':>8} {'host':<16} {'device':<8} {'dp':>3} {'kv used':>8} {'ucx sent':>10} {'ucx recv':>10}"]
+    for worker_id, rank in rows:
+        moved = (
+            f"{_size(rank['ucx_bytes_sent']):>10} {_size(rank['ucx_bytes_received']):>10}" if "error" not in rank else f"  {rank['error']}"
+        )
+        lines.append(
+            f"{worker_id + '/' + str(rank['rank']):<24} {rank['pid']:>8} {rank['host']:<16} {rank['device']:<8} "
+            f"{rank['dp_group']:>3} {rank['kv_blocks_used']:>8} {moved}"
+        )
     return lines
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
 
 
 def status_plain_lines(report: dict) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from shared.protocol import Heartbeat
 
 HEARTBEAT_INTERVAL_S = 1.0
+LOAD_BEAT_GAP_S = 0.1  # a worker also beats this long after a request leaves it (fresh load for placement)
 WORKER_TTL_S = 3.0
 
 

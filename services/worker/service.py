@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from services.decode.handler import DecodeHandler
 from services.prefill.handler import PrefillHandler
-from services.scheduler.registry import HEARTBEAT_INTERVAL_S
+from services.scheduler.registry import HEARTBEAT_INTERVAL_S, LOAD_BEAT_GAP_S
 from services.worker.context import WorkerContext, finish_reason, token_logprobs
 from services.worker.engine_loop import EngineLoop
 from services.worker.handoff import kv_spec_of, parse_worker_layout
@@ -64,6 +64,7 @@ class WorkerService:
     ):
         self.metrics_port = metrics_port
         self.group = group
+        self._load_dropped = asyncio.Event()  # a request left the table: beat soon (`_beat_forever`)
         self._warm_up = warm_up  # opens a UCX endpoint to a decoder ahead of its first hand-off
         layout = layout if layout is not None else parse_worker_layout(role, "")
         # Strict dtypes: a hand-off between workers of different KV dtypes is refused by name
@@ -147,6 +148,7 @@ class WorkerService:
             await ctx.engine_loop.call(self.engine.abort, request.request_id)
         if ending.reason is not None:
             await ctx.streams.publish_end(request.stream_subject, request.request_id, ending)
+        self._load_dropped.set()
         log.debug("released", request_id=request.request_id, ending=ending.reason.label if ending.reason else "done")
 
     # -- engine outputs ----------------------------------------------------------------------
@@ -429,8 +431,21 @@ class WorkerService:
         await ctx.nc.publish(ctx.subjects.heartbeat(ctx.role.label, ctx.worker_id), protocol.encode(self.heartbeat()))
 
     async def _beat_forever(self) -> None:
+        """Beats every HEARTBEAT_INTERVAL_S, and LOAD_BEAT_GAP_S after a request leaves.
+
+        Between beats the scheduler adds its own placements to a worker's load but cannot see
+        what finished, so the worker that beat last looks lightest and takes request after
+        request until it looks as busy as the rest (herding: measured in docs/planner.md).
+        Beating soon after requests end keeps every worker's load fresh; the gap gathers the
+        ends of a burst into one beat, so a worker sends at most ~1/LOAD_BEAT_GAP_S beats a second.
+        """
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self._load_dropped.wait(), HEARTBEAT_INTERVAL_S)
+                await asyncio.sleep(LOAD_BEAT_GAP_S)
+            except TimeoutError:
+                pass
+            self._load_dropped.clear()
             try:
                 await self._beat()
             except Exception as exc:  # a NATS reconnect must not end the heartbeat

@@ -80,3 +80,21 @@ def test_schemas_load_and_reject_what_scripts_could_not_read():
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, load_schema("requests"))
     assert "decoding" in requests_lines({**good, "requests": [row]})[1]
+
+
+def test_status_lists_every_rank_of_every_worker():
+    ranks = [
+        {"rank": 0, "pid": 101, "host": "h1", "device": "cpu", "dp_group": 0, "kv_blocks_used": 4, "ucx_bytes_sent": 3 << 20, "ucx_bytes_received": 0},
+        {"rank": 1, "pid": 102, "host": "h1", "device": "cpu", "dp_group": 1, "kv_blocks_used": 0, "error": "no answer to the probe"},
+    ]
+    report = snapshot(1.0, worker("decode-0", 0, 0, ranks=ranks), worker("prefill-0", 0, 0))
+    jsonschema.validate(versioned(report), load_schema("status"))
+    lines = status_lines(report)
+    [first, second] = [line for line in lines if line.startswith("decode-0/")]
+    assert first.split()[:6] == ["decode-0/0", "101", "h1", "cpu", "0", "4"] and "3.0 MiB" in first
+    assert second.split()[:6] == ["decode-0/1", "102", "h1", "cpu", "1", "0"] and "no answer to the probe" in second
+    assert not any(line.startswith("prefill-0/") for line in lines)  # a worker that reported no ranks
+    assert not any("rank" in line for line in status_lines(snapshot(1.0, worker("a", 0, 0)))[-2:])
+    broken = [dict(ranks[0], pid="x")]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(versioned(snapshot(1.0, worker("d", 0, 0, ranks=broken))), load_schema("status"))
