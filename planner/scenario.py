@@ -53,14 +53,6 @@ def pooled_part(deployment: Deployment) -> tuple[Deployment, float]:
     smallest, scale = unit(deployment)
     instances = sum(p.count for p in smallest.pools)
     copies = min(scale, math.ceil(POOLED_INSTANCES / instances))
-    if deployment.mode is Mode.COLOCATED:
-        # Stopgap, not physics: pooled behind the scheduler, colocated instances lose goodput
-        # to its herding (the registry never subtracts completions since a heartbeat, so the
-        # worker that beat last looks lightest and takes every request until it looks as
-        # heavy; docs/planner.md "Colocated pooling"). Until services/scheduler/ is fixed,
-        # colocated keeps the bare unit; a strict-xfail test in tests/planner/test_simulator.py
-        # starts failing when it is.
-        copies = 1
     pools = tuple(dataclasses.replace(p, count=p.count * copies) for p in smallest.pools)
     return Deployment(deployment.mode, pools), copies / scale
 
