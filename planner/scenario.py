@@ -53,12 +53,6 @@ def pooled_part(deployment: Deployment) -> tuple[Deployment, float]:
     smallest, scale = unit(deployment)
     instances = sum(p.count for p in smallest.pools)
     copies = min(scale, math.ceil(POOLED_INSTANCES / instances))
-    if deployment.mode is Mode.COLOCATED:
-        # Stopgap, not physics: colocated instances pooled behind the project's placement
-        # policy lose goodput (llama-3.1-8b on 8 x h100, 256/256: 90% attainment at ~150
-        # req/s pooled vs ~350 alone; TTFT queues on some instances), which is unexplained
-        # yet. Until it is, colocated keeps the bare unit it was always simulated with.
-        copies = 1
     pools = tuple(dataclasses.replace(p, count=p.count * copies) for p in smallest.pools)
     return Deployment(deployment.mode, pools), copies / scale
 

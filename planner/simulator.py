@@ -10,8 +10,11 @@ Events, in time order (ties in the order they were made):
 - HANDOFF: a prompt's KV has crossed the link to its decode worker, which admits it at its
   next step boundary once the pages are free. A transfer waits for the sending and the
   receiving instance's NIC (one transfer at a time on each).
-- HEARTBEAT: each worker reports its load every `HEARTBEAT_INTERVAL_S` (staggered), so
-  placement sees the same staleness it sees in a deployment.
+- HEARTBEAT: each worker reports its load as the worker's `_beat_forever` does: every
+  `HEARTBEAT_INTERVAL_S` (first beats staggered), and `LOAD_BEAT_GAP_S` after a request
+  leaves it (finished; a prefill worker's hand-off landed or failed); ends within the gap
+  share that beat, and the interval restarts from it. Placement sees the same staleness it
+  sees in a deployment.
 The serving path outside the engine (HTTP, NATS hops, token stream) adds a constant
 `request_overhead_s` to TTFT and end-to-end latency; it does not delay the engine.
 No I/O: the simulation is a pure function of its inputs.
@@ -30,7 +33,7 @@ from planner.hardware import Hardware
 from planner.model_spec import ModelSpec
 from planner.sim_worker import GapLog, SimRequest, SimWorker
 from services.scheduler import policy as scheduler_policy
-from services.scheduler.registry import HEARTBEAT_INTERVAL_S, WorkerRegistry
+from services.scheduler.registry import HEARTBEAT_INTERVAL_S, LOAD_BEAT_GAP_S, WorkerRegistry
 from shared.engine.scheduler import SchedulingConfig
 from shared.protocol import Path, PlaceRequest, ServiceError
 
@@ -91,6 +94,8 @@ class Simulation:
         self.workers = self._build_workers()
         self.policy = scheduler_policy.Policy(mode=config.deployment.mode, max_waiting_per_worker=config.max_waiting)
         self._open = 0  # requests not yet done
+        self._beat_version = dict.fromkeys(self.workers, 0)  # a worker's pending beat; older ones are void
+        self._beat_soon: set[str] = set()  # workers a request left, beating LOAD_BEAT_GAP_S after
 
     def _build_workers(self) -> dict[str, SimWorker]:
         cfg = self.config
@@ -120,7 +125,7 @@ class Simulation:
         for offset, worker in enumerate(self.workers.values()):
             self.registry.observe(worker.heartbeat(0.0))
             stagger = HEARTBEAT_INTERVAL_S * (offset + 1) / (len(self.workers) + 1)
-            self._push(stagger, HEARTBEAT, worker)
+            self._push(stagger, HEARTBEAT, worker, 0)
         if self.config.concurrency is None and len(requests) > self.config.warmup:
             self.gaps.after = requests[self.config.warmup].arrival
         self._pending: Iterator[SimRequest] = iter(requests)
@@ -151,10 +156,21 @@ class Simulation:
 
     # -- handlers --------------------------------------------------------------------------------
 
-    def _heartbeat(self, worker: SimWorker, _: int) -> None:
+    def _heartbeat(self, worker: SimWorker, version: int) -> None:
+        if version != self._beat_version[worker.worker_id]:
+            return  # replaced by a beat soon after a request left
+        self._beat_soon.discard(worker.worker_id)
         self.registry.observe(worker.heartbeat(self.now))
         if self._open:
-            self._push(self.now + HEARTBEAT_INTERVAL_S, HEARTBEAT, worker)
+            self._push(self.now + HEARTBEAT_INTERVAL_S, HEARTBEAT, worker, version)
+
+    def _left(self, worker: SimWorker) -> None:
+        """A request left `worker`'s table: it beats LOAD_BEAT_GAP_S from now (unless a beat is already that near)."""
+        if worker.worker_id in self._beat_soon:
+            return
+        self._beat_soon.add(worker.worker_id)
+        self._beat_version[worker.worker_id] += 1
+        self._push(self.now + LOAD_BEAT_GAP_S, HEARTBEAT, worker, self._beat_version[worker.worker_id])
 
     def _arrive(self, req: SimRequest, _: int) -> None:
         request = PlaceRequest(req.request_id, self.config.model.name, req.input_len, req.output_len)
@@ -193,6 +209,8 @@ class Simulation:
         handoffs, finished = worker.finish_step(self.now)
         for req in finished:
             self._done(req)
+        if finished:
+            self._left(worker)
         for req in handoffs:
             self._start_handoff(worker, req)
         self._start(worker)
@@ -202,6 +220,7 @@ class Simulation:
         refused = decode.accept_handoff(req)
         if refused is not None:
             self._fail(req, f"KV hand-off failed: {refused.message}")
+            self._left(source)
             return
         hw = self.config.hardware
         cost = source.cost
@@ -212,12 +231,14 @@ class Simulation:
         source.link_free_at = decode.link_free_at = landed
         nbytes = req.input_len * cost.model.kv_bytes_per_token(hw.kv_bytes)
         source.rates.observe_handoff(nbytes, landed - self.now)
-        self._push(landed, HANDOFF, req)
+        self._push(landed, HANDOFF, (source, req))
 
-    def _handoff_landed(self, req: SimRequest, _: int) -> None:
+    def _handoff_landed(self, landing: tuple[SimWorker, SimRequest], _: int) -> None:
+        source, req = landing
         decode = self.workers[req.decode_worker]
         decode.land_handoff(req)
         self._wake(decode)
+        self._left(source)  # the prefill worker releases the request once its KV is across
 
 
 def simulate(config: SimConfig, arrivals: Sequence[Arrival]) -> SimResult:

@@ -212,5 +212,8 @@ def test_the_search_finds_a_deployment_at_least_as_good_as_one_known_to_fit():
     known = Deployment(Mode.DISAGG, (Pool(Role.PREFILL, PrefillLayout(tp=4, ep=4), 4, 8192),
                                      Pool(Role.DECODE, DecoderLayout(dp=4, tp=4, ep=16), 1)))
     assert known.devices == 32
+    # Both searched from the same start: the goodput search's grid (15% brackets, ~4% bisections)
+    # depends on where it starts, which alone moved the winner's own figure by ~7% (38.1 vs 40.9).
     reference = goodput(scenario, known, winner.goodput.rate)
-    assert winner.goodput.rate >= 0.96 * reference.rate
+    mine = goodput(scenario, winner.deployment, winner.goodput.rate)
+    assert mine.rate >= 0.96 * reference.rate
