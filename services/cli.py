@@ -10,6 +10,7 @@ import sys
 from services.gateway import auth as gateway_auth
 from shared import nats_auth
 from shared.nats_failover import NATS_ENV, nats_urls_from, parse_nats_urls
+from shared.shutdown import DEFAULT_DRAIN_TIMEOUT_S
 
 DEFAULT_MODEL = "smollm2-135m"
 UP_CREDS_HELP = (
@@ -60,7 +61,7 @@ def _add_common(parser: argparse.ArgumentParser, needs_nats: bool = True) -> Non
     parser.add_argument("--prefix", default="pd", help="NATS subject prefix (several deployments on one server)")
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "info"))
     parser.add_argument(
-        "--drain-timeout", type=_positive_float, default=30.0,
+        "--drain-timeout", type=_positive_float, default=DEFAULT_DRAIN_TIMEOUT_S,
         help="on SIGTERM: seconds to finish requests in flight before ending them with an error",
     )  # fmt: skip
     nats_auth.add_arguments(parser, creds_help=None if needs_nats else UP_CREDS_HELP)

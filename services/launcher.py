@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services.scheduler.policy import Mode
 from services.stack_auth import StackAuth
-from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, readable, wait_until_ready
+from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, wait_until_ready
 from services.supervisor import Child, Stage, StackError, Supervisor
 from shared import processes
 from shared.nats_permissions import NatsRole
@@ -227,7 +227,6 @@ def _child(name: str, log_name: str, stage: Stage, command: list[str], auth: Sta
         service = next((s for s in reversed(logs.services) if s.name == log_name), None)
         if service is None:
             return "    (nothing logged)"
-        lines = "\n".join(f"    {readable(line)}" for line in service.tail) or "    (nothing logged)"
-        return f"    ({service.path})\n{lines}"
+        return f"    ({service.path})\n{service.last_lines()}"
 
     return Child(name, stage, launch, last_lines)

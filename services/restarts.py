@@ -9,7 +9,6 @@ while starts again from the shortest backoff.
 
 from __future__ import annotations
 
-import signal
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,12 +51,3 @@ class CrashHistory:
         while self._crashes and self._crashes[0] < cutoff:
             self._crashes.popleft()
 
-
-def describe_exit(returncode: int) -> str:
-    """'killed by SIGKILL' or 'exited with code 1' (Popen reports a signal as -signum)."""
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exited with code {returncode}"

@@ -105,9 +105,12 @@ class ServiceLog:
         elif name.endswith("_started"):
             self.progress = Progress(stage="started", started=True)
 
+    def last_lines(self) -> str:
+        """Its log's tail, indented, for messages."""
+        return "\n".join(f"    {readable(line)}" for line in self.tail) or "    (nothing logged)"
+
     def failure(self) -> str:
-        lines = "\n".join(f"    {readable(line)}" for line in self.tail) or "    (nothing logged)"
-        return f"{self.name} exited with code {self.proc.returncode}; the last lines of {self.path}:\n{lines}"
+        return f"{self.name} exited with code {self.proc.returncode}; the last lines of {self.path}:\n{self.last_lines()}"
 
 
 class ServiceLogs:

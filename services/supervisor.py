@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.restarts import CrashHistory, RestartPolicy, describe_exit
+from services.restarts import CrashHistory, RestartPolicy
+from shared.processes import describe_exit
 
 POLL_S = 0.05
 STOP_GRACE_S = 10.0  # beyond the drain timeout: a service's own stop steps (each bounded)

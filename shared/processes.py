@@ -87,3 +87,13 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'killed by SIGKILL' or 'exited with code 1' (Popen reports a signal as -signum)."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"

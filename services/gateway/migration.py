@@ -36,12 +36,9 @@ from shared.protocol import (
 
 DEFAULT_MIGRATION_LIMIT = 3
 
-_HTTP_STATUS = {ErrorCode.UNAVAILABLE: 503, ErrorCode.TOO_MANY_REQUESTS: 429, ErrorCode.BAD_REQUEST: 400}
-
-
 def http_status(code: ErrorCode | None) -> int:
-    """A worker error's HTTP status: unavailability is 503, never 500; no code means a bug (500)."""
-    return _HTTP_STATUS.get(code, 500) if code is not None else 500
+    """A worker error's HTTP status (error codes are HTTP statuses: unavailability is 503, never 500); no code means a bug (500)."""
+    return int(code) if code is not None else 500
 
 
 class Phase(enum.IntEnum):
@@ -70,7 +67,6 @@ class Attempt:
     number: int
     request_id: str  # this attempt's id on the wire
     placement: Placement
-    base: int  # tokens the request had generated before this attempt
     phase: Phase = Phase.PREFILLING
     decoder: str = ""  # where decoding happens, if not the placement's decoder (a redirect)
 
@@ -128,8 +124,12 @@ class Flight:
     # -- the next attempt ------------------------------------------------------------------
 
     @property
+    def _next_number(self) -> int:
+        return 0 if self.attempt is None else self.attempt.number + 1
+
+    @property
     def next_request_id(self) -> str:
-        number = 0 if self.attempt is None else self.attempt.number + 1
+        number = self._next_number
         return self.request_id if number == 0 else f"{self.request_id}-m{number}"
 
     @property
@@ -157,8 +157,7 @@ class Flight:
 
     def placed(self, placement: Placement) -> Attempt:
         """Records the next attempt as running on `placement`."""
-        number = 0 if self.attempt is None else self.attempt.number + 1
-        self.attempt = Attempt(number, placement.request_id, placement, base=len(self.generated))
+        self.attempt = Attempt(self._next_number, placement.request_id, placement)
         return self.attempt
 
     def refused_by(self, worker_id: str) -> None:

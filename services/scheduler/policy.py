@@ -100,7 +100,7 @@ def _decode_dp_group(decode: WorkerLoad) -> int:
     loads = decode.beat.dp_load
     if not loads:
         return 0
-    return min(range(len(loads)), key=lambda d: (loads[d] + decode.placed_by_group.get(d, 0), d))
+    return min(range(len(loads)), key=lambda d: (loads[d] + decode.placed_by_group[d], d))
 
 
 def _placement(request: PlaceRequest, path: Path, prefill: WorkerLoad, decode: WorkerLoad) -> Placement:
@@ -194,6 +194,4 @@ def record_placement(placement: Placement, request: PlaceRequest, workers: dict[
         prefill.placed_prefill_tokens += request.num_prompt_tokens
         prefill.placed_waiting += 1
     if (decode := workers.get(placement.decode_worker)) is not None:
-        decode.placed_decodes += 1
-        group = placement.decode_dp_group
-        decode.placed_by_group[group] = decode.placed_by_group.get(group, 0) + 1
+        decode.placed_by_group[placement.decode_dp_group] += 1

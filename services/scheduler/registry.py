@@ -7,6 +7,7 @@ incarnation means the old process died and was restarted, so the old one is down
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from shared.protocol import Heartbeat
@@ -23,9 +24,12 @@ class WorkerLoad:
     beat: Heartbeat
     seen_at: float
     placed_prefill_tokens: int = 0
-    placed_decodes: int = 0
     placed_waiting: int = 0
-    placed_by_group: dict[int, int] = field(default_factory=dict)  # decodes placed per attention-DP group
+    placed_by_group: Counter[int] = field(default_factory=Counter)  # decodes placed per attention-DP group
+
+    @property
+    def placed_decodes(self) -> int:
+        return sum(self.placed_by_group.values())
 
     @property
     def worker_id(self) -> str:

@@ -29,7 +29,6 @@ from shared import protocol
 from shared.admin import AdminError, start_admin
 from shared.engine.engine import Engine, TokenOutput
 from shared.engine.loader import LoadedModel
-from shared.engine.shard import ModelShard
 from shared.layouts import Layout
 from shared.protocol import CancelRequest, ErrorCode, Heartbeat, Role
 from shared.session import KvSessionEngine, RankGroup
@@ -277,15 +276,13 @@ class WorkerService:
         (block tables, sessions) and what it moved over UCX; the other ranks answer a probe."""
         probe = getattr(self.group, "probe", None)
         reports = await probe(PROBE_TIMEOUT_S) if probe is not None else {}
-        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        local = self._leader_transfer
         rows = []
         for info in self.ranks:
-            group = ModelShard.of(self.ctx.layout, info.rank).dp_group
-            allocator = self.engine.schedulers[group].allocator
             row = {
                 "rank": info.rank, "pid": info.pid, "host": info.host, "device": info.device,
-                "ucx": f"{info.ucx_host}:{info.ucx_port}", "dp_group": group,
-                "kv_blocks_used": allocator.num_blocks - allocator.num_free,
+                "ucx": f"{info.ucx_host}:{info.ucx_port}", "dp_group": self.ctx.layout.coord(info.rank).dp,
+                "kv_blocks_used": self._kv_blocks_used(info.rank),
             }
             if info.rank == 0:
                 row |= {"ucx_bytes_sent": local.bytes_sent, "ucx_bytes_received": local.bytes_received,
@@ -335,7 +332,7 @@ class WorkerService:
             raise AdminError(404, f"{request_id!r} holds no KV of {tokens} tokens on {self.ctx.worker_id}")
         table = list(seq.block_table)
         rows = {}
-        if ModelShard.of(self.ctx.layout, 0).dp_group == group:
+        if group == 0:  # the leader, rank 0, is in DP group 0
             own = await self.ctx.engine_loop.call(self.engine.runner.export, table, tokens)
             rows[0] = {"shape": list(own.shape), "values": own.float().flatten().tolist()}
         sample = getattr(self.group, "sample_kv", None)
@@ -414,7 +411,7 @@ class WorkerService:
         """Per-rank gauges from what the ranks last reported (rank 0's own counters are live)."""
         metrics = self.ctx.metrics
         board = getattr(self.group, "board", None)
-        local = getattr(self.group, "local", None) or self.group.ranks[0]
+        local = self._leader_transfer
         for info in self.ranks:
             if info.rank == 0:
                 sent, received = local.bytes_sent, local.bytes_received
@@ -423,8 +420,17 @@ class WorkerService:
             rank = str(info.rank)
             metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="sent").set(sent)
             metrics.labels(metrics.rank_ucx_bytes, rank=rank, direction="received").set(received)
-            allocator = self.engine.schedulers[ModelShard.of(self.ctx.layout, info.rank).dp_group].allocator
-            metrics.labels(metrics.rank_kv_blocks_used, rank=rank).set(allocator.num_blocks - allocator.num_free)
+            metrics.labels(metrics.rank_kv_blocks_used, rank=rank).set(self._kv_blocks_used(info.rank))
+
+    @property
+    def _leader_transfer(self):
+        """Rank 0's own `RankTransfer` (a process group's leader, or an in-process group's first rank)."""
+        return getattr(self.group, "local", None) or self.group.ranks[0]
+
+    def _kv_blocks_used(self, rank: int) -> int:
+        """KV blocks in use in the cache of `rank`'s DP group (every rank of a group holds the same pages)."""
+        allocator = self.engine.schedulers[self.ctx.layout.coord(rank).dp].allocator
+        return allocator.num_blocks - allocator.num_free
 
     async def _beat(self) -> None:
         ctx = self.ctx

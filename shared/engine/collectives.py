@@ -36,7 +36,8 @@ class Collectives:
     def __deepcopy__(self, memo: dict) -> Collectives:
         return self  # model twins (prepack.py) share the rank's process groups
 
-    def _timed(self, kind: str, started: float) -> None:
+    def timed(self, kind: str, started: float) -> None:
+        """Counts one call of `kind` that began at `started` (perf_counter) in the step's breakdown."""
         self.seconds[kind] += time.perf_counter() - started
         self.calls[kind] += 1
 
@@ -48,7 +49,7 @@ class Collectives:
             return x
         started = time.perf_counter()
         dist.all_reduce(x, group=self.tp_group)
-        self._timed("tp_all_reduce", started)
+        self.timed("tp_all_reduce", started)
         return x
 
     def tp_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -59,7 +60,7 @@ class Collectives:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.shard.tp)] if self.shard.tp_rank == 0 else None
         dist.gather(x, parts, dst=self.tp_ranks[0], group=self.tp_group)
-        self._timed("tp_gather", started)
+        self.timed("tp_gather", started)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
     # -- experts ---------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Collectives:
             return x
         started = time.perf_counter()
         dist.all_reduce(x, group=self.stage_group)
-        self._timed("moe_all_reduce", started)
+        self.timed("moe_all_reduce", started)
         return x
 
     def dp_all_gather(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -83,7 +84,7 @@ class Collectives:
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded, group=self.dp_group)
-        self._timed("moe_all_gather", started)
+        self.timed("moe_all_gather", started)
         return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
     # -- pipeline --------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class Collectives:
         started = time.perf_counter()
         out = torch.empty(shape, dtype=dtype)
         dist.recv(out, src)
-        self._timed("pp_recv", started)
+        self.timed("pp_recv", started)
         return out
 
 

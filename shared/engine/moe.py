@@ -13,10 +13,11 @@ MoE layer, on every rank of the stage:
   4. the partial sums are added over the stage (`stage_all_reduce`), and each rank keeps
      its own DP group's rows.
 
-All-gather + all-reduce rather than all-to-all: on the gloo CPU backend a dense collective
-over `[T, hidden]` costs about what the padded all-to-all would, and it keeps every rank's
-work independent of the routing (no second exchange of variable-sized buffers); the
-all-reduce is what a reduce-scatter + all-gather would move. A rank with no tokens (an
+All-gather + all-reduce rather than all-to-all: two fixed-size collectives over `[T, hidden]`
+keep every rank's work independent of the routing, where an all-to-all dispatch (gloo and
+NCCL both take uneven splits) needs the split sizes exchanged first and a second all-to-all
+to combine. All-to-all moves fewer bytes once T and ep grow; it was not built or measured
+here (the collectives' share of the step is, docs/benchmarks.md). A rank with no tokens (an
 idle DP group) still takes part with zero rows, so no collective waits for it.
 """
 

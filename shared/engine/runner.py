@@ -69,8 +69,7 @@ class StepRunner:
         empty = torch.zeros((0, model.config.hidden_size), dtype=model.dtype)
         for block in model.moe_blocks():
             block(empty, dp_counts)
-        self.comm.seconds["empty_batch"] += time.perf_counter() - started
-        self.comm.calls["empty_batch"] += 1
+        self.comm.timed("empty_batch", started)
         return None
 
     def _gather_groups(self, step: Step, logits: torch.Tensor | None) -> torch.Tensor | None:

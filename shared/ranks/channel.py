@@ -27,8 +27,7 @@ class LeaderChannel:
         payload = encode(work)
         dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0)
         dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0)
-        self.comm.seconds["plan_broadcast"] += time.perf_counter() - started
-        self.comm.calls["plan_broadcast"] += 1
+        self.comm.timed("plan_broadcast", started)
 
 
 class FollowerChannel:

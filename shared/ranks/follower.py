@@ -99,7 +99,7 @@ class Follower:
                         runner.tables.pop(request_id, None)
                 case SampleKv(probe_id=probe_id, block_table=table, num_tokens=num_tokens, dp_group=group):
                     report = RankReport("kv", probe_id, self.rank, True)
-                    if group == self.engine.runner.shard.dp_group:
+                    if group == runner.shard.dp_group:
                         sample = runner.export(table, num_tokens)
                         report.shape, report.values = list(sample.shape), sample.float().flatten().tolist()
                     post_report(self.store, report)

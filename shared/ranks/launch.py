@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,19 +31,12 @@ def spawn_followers(world: int, master_port: int, argv: list[str] | None = None)
     return followers
 
 
-def exit_description(proc: subprocess.Popen) -> str:
-    code = proc.returncode
-    if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
 async def watch_followers(followers: list[subprocess.Popen], on_death: Callable[[int, str], None]) -> None:
     """Calls `on_death(rank, how)` once, for the first follower that ends."""
     while True:
         for rank, proc in enumerate(followers, start=1):
             if proc.poll() is not None:
-                on_death(rank, f"rank {rank} (pid {proc.pid}) {exit_description(proc)}")
+                on_death(rank, f"rank {rank} (pid {proc.pid}) {processes.describe_exit(proc.returncode)}")
                 return
         await asyncio.sleep(MONITOR_INTERVAL_S)
 

@@ -106,7 +106,7 @@ class LeaderGroup:
         self.local.scatter(session_id, block_table)
 
     async def probe(self, timeout: float) -> dict[int, RankReport]:
-        """What every other rank holds (tables, sessions, bytes moved); ranks that do not answer in time are left out."""
+        """What every other rank holds (tables, sessions, bytes moved); empty unless every rank answers in time."""
         probe_id = f"probe-{uuid.uuid4().hex[:8]}"
         await self._submit(Probe(probe_id))
         try:

@@ -38,7 +38,7 @@ class RankInfo(msgspec.Struct, array_like=True, omit_defaults=True):
 
 
 class RankReport(msgspec.Struct, array_like=True, omit_defaults=True):
-    """How one rank's part of a KV move ended."""
+    """What one rank reports to its leader: how its part of a KV move ended, or its answer to a probe or KV sample."""
 
     op: str  # "send" | "receive" | "probe" | "kv"
     session_id: str

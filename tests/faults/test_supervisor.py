@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from services.restarts import CrashHistory, RestartPolicy, describe_exit
+from services.restarts import CrashHistory, RestartPolicy
+from shared.processes import describe_exit
 from services.supervisor import Child, Stage, StackError, Supervisor
 from shared import processes
 
