@@ -30,9 +30,15 @@ async def test_two_schedulers_place_each_request_exactly_once(nats_server):
     for scheduler in schedulers:
         await scheduler.start()
     client = connections[2]
-    for worker in (beat("p0", Role.PREFILL), beat("d0", Role.DECODE)):
-        await client.publish(SUBJECTS.heartbeat(worker.role.label, worker.worker_id), protocol.encode(worker))
-    await client.flush()
+
+    async def beat_forever():  # as real workers do: a loaded machine may stall past one heartbeat timeout
+        while True:
+            for worker in (beat("p0", Role.PREFILL), beat("d0", Role.DECODE)):
+                await client.publish(SUBJECTS.heartbeat(worker.role.label, worker.worker_id), protocol.encode(worker))
+            await client.flush()
+            await asyncio.sleep(0.5)
+
+    beating = asyncio.create_task(beat_forever())
     await until(lambda: all(len(s.registry.alive()) == 2 for s in schedulers))  # both saw both heartbeats
 
     replies = []
@@ -51,6 +57,7 @@ async def test_two_schedulers_place_each_request_exactly_once(nats_server):
     assert all(isinstance(r, Placement) for r in replies)
     assert sum(s.placed for s in schedulers) == 20
     assert all(s.placed > 0 for s in schedulers)  # the queue group spreads the work
+    beating.cancel()
     for scheduler in schedulers:
         await scheduler.stop()
     for nc in connections:

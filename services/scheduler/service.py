@@ -77,6 +77,9 @@ class SchedulerService:
             await self.nc.subscribe(self.subjects.place, queue=PLACE_QUEUE_GROUP, cb=self._on_place),
             await self.nc.subscribe(self.subjects.ready, queue=PLACE_QUEUE_GROUP, cb=self._on_ready),
         ]
+        # SUB frames leave with the client's next flush; until the server has them, beats and
+        # placements published elsewhere pass this instance by. Started means listening.
+        await self.nc.flush()
         self._admin = await start_admin(
             self.nc, self.subjects, "scheduler", self.instance_id, {"status": self._status, "policy": self._policy}
         )
