@@ -33,8 +33,8 @@ from planner.workload import RequestSource
 from services.scheduler.policy import Mode
 from shared.protocol import Role
 
-MAX_WARMUP = 2000
-POOLED_INSTANCES = 8  # a steady-state run simulates at least this many instances (or all): queues pool as deployed  # requests simulated before a steady-state run starts counting
+MAX_WARMUP = 2000  # at most this many requests simulated before a steady-state run starts counting
+POOLED_INSTANCES = 8  # a steady-state run simulates at least this many instances (or all): queues pool as deployed
 # Step budgets (max_num_batched_tokens) tried per role: pdserve's defaults (2048 prefill, 512
 # where decodes run) and larger ones, so colocated gets its best prefill/decode trade-off too.
 STEP_BUDGETS = {Role.BOTH: (512, 2048, 8192), Role.PREFILL: (2048, 8192), Role.DECODE: (512,)}
