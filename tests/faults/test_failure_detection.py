@@ -75,7 +75,10 @@ async def test_worker_down_is_published_within_ttl_plus_one_second(nats_server):
     await client.publish(SUBJECTS.heartbeat("decode", "d0"), protocol.encode(beat("d0", incarnation="b")))
     await client.publish(SUBJECTS.heartbeat("decode", "d0"), protocol.encode(beat("d0", incarnation="c")))
     await client.flush()
-    await asyncio.sleep(0.3)
+    reported_at_once = time.monotonic() + 2.0  # well inside a TTL: no sweep could have reported it
+    while len(downs) < 2 and time.monotonic() < reported_at_once:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # a second report, if any, would arrive now
     assert [(d.worker_id, d.incarnation) for d, _ in downs[1:]] == [("d0", "b")]
     await scheduler.stop()
     await scheduler_nc.close()
