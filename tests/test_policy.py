@@ -1,5 +1,6 @@
 """Placement policy: pure function, no NATS."""
 
+import msgspec
 import pytest
 
 from services.scheduler.policy import Mode, Policy, estimate_ttft, place, record_placement
@@ -69,6 +70,54 @@ def test_placements_spread_before_the_next_heartbeat():
         record_placement(placement, request, by_id)
         chosen.append((placement.prefill_worker, placement.decode_worker))
     assert sorted(chosen) == [("p0", "d0"), ("p0", "d0"), ("p1", "d1"), ("p1", "d1")]
+
+
+def rated(heartbeat: Heartbeat, prefill_tokens_per_s: float) -> Heartbeat:
+    return msgspec.structs.replace(heartbeat, prefill_tokens_per_s=prefill_tokens_per_s)
+
+
+def test_prompt_tokens_prefilled_since_the_beat_are_not_counted_as_queued():
+    """The worker that beat last must not look lightest only because the others' beats are older."""
+    now = [0.0]
+    registry = WorkerRegistry(clock=lambda: now[0])
+    registry.observe(rated(beat("p0", Role.PREFILL, queued=1000), prefill_tokens_per_s=2000))
+    now[0] = 0.4
+    registry.observe(rated(beat("p1", Role.PREFILL, queued=500), prefill_tokens_per_s=2000))
+    registry.observe(beat("d0", Role.DECODE))
+    by_id = {w.worker_id: w for w in registry.alive()}
+    assert by_id["p0"].queued_prefill_tokens == 200  # 1000 - 0.4 s x 2000 tokens/s
+    assert by_id["p1"].queued_prefill_tokens == 500  # just beat: as reported
+    placement = place(REQUEST, registry.alive(), DISAGG)
+    assert placement.prefill_worker == "p0"
+    record_placement(placement, REQUEST, by_id)
+    now[0] = 0.45
+    assert {w.worker_id: w.queued_prefill_tokens for w in registry.alive()} == {"p0": 200, "p1": 400, "d0": 0}
+
+
+def test_a_placement_drains_only_from_when_it_was_placed():
+    now = [0.0]
+    registry = WorkerRegistry(clock=lambda: now[0])
+    registry.observe(rated(beat("p0", Role.PREFILL, queued=0), prefill_tokens_per_s=1000))
+    now[0] = 0.5  # half a second of idle drain must not swallow what comes next
+    [load] = registry.alive()
+    record_placement(Placement("r1", Path.DISAGG, "p0", "d0"), REQUEST, {"p0": load})
+    assert registry.alive()[0].queued_prefill_tokens == 100
+    now[0] = 0.55
+    assert registry.alive()[0].queued_prefill_tokens == 50
+
+
+def test_a_silent_worker_drains_for_one_beat_interval_at_most():
+    """A worker that stopped beating may be stuck: its queue must not come to look empty."""
+    now = [0.0]
+    registry = WorkerRegistry(clock=lambda: now[0])
+    registry.observe(rated(beat("p0", Role.PREFILL, queued=5000), prefill_tokens_per_s=1000))
+    now[0] = 2.5  # still inside the TTL
+    assert registry.alive()[0].queued_prefill_tokens == 4000
+
+
+def test_colocated_prefers_the_shortest_prefill_backlog_then_the_fewest_streams():
+    workers = loads(beat("b0", Role.BOTH, running=1, queued=800), beat("b1", Role.BOTH, running=6), beat("b2", Role.BOTH, running=4))
+    assert place(REQUEST, workers, COLOCATED).prefill_worker == "b2"  # no backlog; fewer streams than b1
 
 
 def test_registry_expires_silent_workers():

@@ -94,6 +94,14 @@ def _least_loaded_decode(workers: Sequence[WorkerLoad]) -> WorkerLoad:
     return min(workers, key=lambda w: (w.running, -w.beat.free_kv_blocks, w.worker_id))
 
 
+def _least_loaded_colocated(workers: Sequence[WorkerLoad]) -> WorkerLoad:
+    """Shortest prefill backlog first: a new request's first token waits for the prompts queued
+    ahead of it, while the streams already running only lengthen each step. (By running
+    streams first, eight pooled llama-3.1-8b instances in the planner's simulation reached
+    317 req/s of goodput; by backlog first, 481: `python -m planner.herding`.)"""
+    return min(workers, key=lambda w: (w.queued_prefill_tokens, w.running, -w.beat.free_kv_blocks, w.worker_id))
+
+
 def _decode_dp_group(decode: WorkerLoad) -> int:
     """Which attention-DP group of the decoder takes the request: the least loaded one (its
     heartbeat's per-group load plus what was placed since); a layout without dp has just group 0."""
@@ -149,7 +157,7 @@ def place(request: PlaceRequest, workers: Sequence[WorkerLoad], policy: Policy) 
         both = [w for w in open_workers if w.beat.role is Role.BOTH]
         if not both:
             return _unavailable_or_busy(serving, Role.BOTH, "no live colocated (role=both) worker")
-        chosen = _least_loaded_decode(both)
+        chosen = _least_loaded_colocated(both)
         return _placement(request, Path.COLOCATED, chosen, chosen)
     prefills = [w for w in open_workers if w.beat.role in (Role.PREFILL, Role.BOTH)]
     decodes = [w for w in open_workers if w.beat.role in (Role.DECODE, Role.BOTH)]
@@ -191,7 +199,6 @@ def _unavailable_or_busy(serving: Sequence[WorkerLoad], role: Role, message: str
 def record_placement(placement: Placement, request: PlaceRequest, workers: dict[str, WorkerLoad]) -> None:
     """Counts a placement against the chosen workers until their next heartbeat."""
     if (prefill := workers.get(placement.prefill_worker)) is not None:
-        prefill.placed_prefill_tokens += request.num_prompt_tokens
-        prefill.placed_waiting += 1
+        prefill.add_prefill(request.num_prompt_tokens)
     if (decode := workers.get(placement.decode_worker)) is not None:
         decode.placed_by_group[placement.decode_dp_group] += 1
