@@ -1,5 +1,5 @@
 """How much pooled instances lose to placement on stale load: the study behind docs/planner.md's
-"Colocated pooling: the scheduler herds onto the freshest heartbeat".
+"Pooling: the scheduler herded onto the freshest heartbeat".
 
 The same pool is simulated several ways at each rate: as pdserve places (heartbeats, the
 scheduler's own placements since, prefill backlogs drained at the reported rate); with every
