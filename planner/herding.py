@@ -4,9 +4,9 @@
 The same pool is simulated several ways at each rate: as pdserve places (heartbeats, the
 scheduler's own placements since, prefill backlogs drained at the reported rate); with every
 worker's load seen as it is at each placement (each worker beats just before it, the best
-any load report can do); for colocated, one instance alone at its share of the rate (no pooling at all); for
-disaggregated, with only the prefill or only the decode pool's load seen fresh (which pool's
-staleness costs what). Printed: SLO attainment (P99 TTFT) per rate, and goodput (the
+any load report can do); for colocated, one instance alone at its share of the rate (no
+pooling at all); for disaggregated, with only the prefill or only the decode pool's load
+seen fresh (which pool's staleness costs what). Printed: SLO attainment (P99 TTFT) per rate, and goodput (the
 highest rate with >= 90% attainment, by bisection).
 
     python -m planner.herding --mode colocated --rates 150 250 300 350
