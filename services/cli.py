@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 
+from services import early_interrupt
 from services.gateway import auth as gateway_auth
 from shared import nats_auth
 from shared.nats_failover import NATS_ENV, nats_urls_from, parse_nats_urls
@@ -171,13 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        with early_interrupt.Recording() as recording:
+            return _main(argv, recording)
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (still importing)
         return 130
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, recording: early_interrupt.Recording) -> int:
     args = build_parser().parse_args(argv)
+    if early_interrupt.received():
+        return 130  # interrupted while importing: nothing was started
+    if args.command != "up":  # `pdserve up` takes the recorded interrupts over itself
+        recording.stop()
     try:
         return _run(args)
     except (nats_auth.NatsCredentialsError, nats_auth.NatsAuthorizationError) as exc:

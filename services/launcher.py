@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services import early_interrupt
 from services.scheduler.policy import Mode
 from services.stack_auth import StackAuth
 from services.startup_progress import ReadyCheck, ServiceLogs, StartupError, wait_until_ready
@@ -166,6 +167,8 @@ class _Signals:
         self.count = 0
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        for _ in range(early_interrupt.received()):  # Ctrl-C while `pdserve` was still starting
+            self._on_signal()
 
     def _on_signal(self, *_) -> None:
         self.count += 1
