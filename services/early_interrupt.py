@@ -1,9 +1,9 @@
 """Ctrl-C before a command has installed its own handling.
 
 While `pdserve` is still importing, Python turns SIGINT into a KeyboardInterrupt wherever
-the main thread happens to be, and a third-party import with a broad `except` can swallow
-it: `pdserve up`, interrupted 0.8 s after launch, went on to start the whole stack as if
-never interrupted. Until the command takes over, an interrupt is only recorded here; the
+the main thread happens to be. `pdserve up`, interrupted 0.8 s after launch, once went on
+to start the whole stack as if never interrupted: no KeyboardInterrupt, no "stopping" line
+(where it was lost was not pinned down; an import with a broad `except` would do it). Until the command takes over, an interrupt is only recorded here; the
 CLI checks it once its imports are done, and `pdserve up` counts it as the first Ctrl-C.
 """
 
